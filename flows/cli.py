@@ -1,0 +1,146 @@
+"""The `tripletforge` command line: run, prepare-models, query, summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+
+def _quiet_env() -> None:
+    """Offline, no telemetry, no noisy analytics; set before Prefect/Ray/vLLM are imported."""
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_DEDUP_LOGS": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def _stage_table(doc: dict) -> Table:
+    table = Table(title=f"run {doc['run_id']}")
+    for col in ("stage", "in", "out", "rejected", "deduplicated", "seconds", "resumed shards"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for name, c in doc["stages"].items():
+        table.add_row(
+            name,
+            str(c["rows_in"]),
+            str(c["rows_out"]),
+            str(c["rejected"]),
+            str(c["deduplicated"]),
+            f"{c['seconds']:.1f}",
+            str(c["skipped_shards"]),
+        )
+    return table
+
+
+def print_summary(run_dir: Path, doc: dict) -> None:
+    console.print(_stage_table(doc))
+    gen = doc["stages"]["generate"]["extra"]
+    mine = doc["stages"]["mine"]["extra"]
+    asm = doc["stages"]["assemble"]["extra"]
+    console.print(
+        f"generation: {gen['output_tokens']} output tokens, {gen['tokens_per_second']} tokens/s"
+    )
+    console.print(f"dedup clusters: {doc['stages']['dedup']['extra']['clusters']}")
+    console.print(
+        f"mining: {mine['candidates']} candidates, {mine['negatives_kept']} kept as negatives; "
+        f"filtered: {mine['filtered']}"
+    )
+    console.print(f"splits: {asm['splits']}   rejects by reason: {doc['reject_reasons']}")
+    console.print(f"total {doc['timings']['total']:.1f} s")
+    console.print(f"\n[bold]output:[/bold] {run_dir.resolve()}")
+    console.print(f"  manifest: {run_dir.resolve() / 'manifest.json'}")
+    console.print("[bold]query it:[/bold]")
+    console.print(
+        f'  tripletforge query {run_dir} "SELECT split, count(*) AS n, '
+        f'avg(len(negatives)) AS negs FROM triplets GROUP BY split"'
+    )
+    console.print(
+        f"  duckdb -c \"SELECT query, positive FROM '{run_dir.resolve()}/triplets/*.parquet' "
+        f'LIMIT 5"'
+    )
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML.")],
+    output: Annotated[str | None, typer.Option(help="Output root (default: output.dir).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override, e.g. mining.num_negatives=8.")
+    ] = None,
+) -> None:
+    """Build a triplet dataset: ingest, dedup, generate, embed, mine, assemble."""
+    _quiet_env()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from flows.build import run_pipeline
+    from schemas.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    console.print(f"run id [bold]{cfg.run_id}[/bold] (config hash {cfg.config_hash()[:12]})")
+    start = time.perf_counter()
+    with console.status("running build_dataset (Prefect flow on Ray)..."):
+        run_dir, doc = run_pipeline(cfg, output)
+    console.print(f"flow finished in {time.perf_counter() - start:.1f} s")
+    print_summary(run_dir, doc)
+
+
+@app.command("prepare-models")
+def prepare_models(force: bool = typer.Option(False, help="Convert again.")) -> None:
+    """Convert the bundled SmolLM2 GGUF to a Hugging Face folder (once) and check MiniLM."""
+    _quiet_env()
+    from tasks.models import minilm_path, prepare_smollm2
+
+    start = time.perf_counter()
+    llm = prepare_smollm2(force=force)
+    console.print(f"llm:       {llm}  ({time.perf_counter() - start:.1f} s)")
+    console.print(f"embedding: {minilm_path()}")
+
+
+@app.command()
+def query(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (contains manifest.json).")],
+    sql: Annotated[str, typer.Argument(help="SQL over views triplets, passages, queries, ...")],
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per row."),
+) -> None:
+    """Run SQL with DuckDB over a run's Parquet files."""
+    from tasks.query import run_sql
+
+    columns, rows = run_sql(run_dir, sql)
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(dict(zip(columns, row, strict=True)), default=str))
+        return
+    table = Table()
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*[str(v) for v in row])
+    console.print(table)
+
+
+@app.command()
+def summary(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
+    """Print the counts table of a finished run from its manifest."""
+    doc = json.loads((run_dir / "manifest.json").read_text())
+    print_summary(run_dir, doc)
+
+
+if __name__ == "__main__":
+    app()

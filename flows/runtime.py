@@ -1,0 +1,228 @@
+"""Ray and Prefect plumbing: where the run executes, and the long-lived model workers.
+
+Model workers are *named* Ray actors (one per model and settings). `get_or_create_*` returns the
+running one if it exists, so an engine is loaded once per Ray session and reused by every shard,
+every flow run and every test in a session; only the code that created a worker shuts it down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from schemas.config import PipelineConfig
+from tasks.embed import Embedder
+from tasks.generate import Completion, SamplingSettings, VLLMEngine, engine_env
+from tasks.models import cache_dir, resolve_embedding_path, resolve_llm_path
+
+log = logging.getLogger(__name__)
+NAMESPACE = "tripletforge"
+EMBED_GPU_SHARE = 0.1
+
+
+class ResourceError(RuntimeError):
+    """The config asks for hardware the Ray cluster does not have."""
+
+
+def worker_env(cpus: int) -> dict[str, str]:
+    """Keep every library in a Ray worker to the cores Ray gave the job (no oversubscription)."""
+    return {
+        "POLARS_MAX_THREADS": str(cpus),
+        "OMP_NUM_THREADS": str(cpus),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "RAY_DEDUP_LOGS": "1",
+        "TRIPLETFORGE_CACHE": str(cache_dir()),
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    }
+
+
+def ray_init_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Arguments for ray.init: a local instance unless an address is configured or in RAY_ADDRESS.
+
+    Inside `ray job submit` (RAY_ADDRESS set) num_cpus/object store must not be passed.
+    """
+    address = cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    cpus = cfg.runtime.num_cpus or os.cpu_count() or 1
+    kwargs: dict[str, Any] = {
+        "namespace": NAMESPACE,
+        "runtime_env": {"env_vars": worker_env(cpus)},
+        "log_to_driver": True,
+    }
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(
+            num_cpus=cpus,
+            include_dashboard=False,
+            object_store_memory=cfg.runtime.object_store_mb * 1024 * 1024,
+        )
+    return kwargs
+
+
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def pick_device(requested: str) -> str:
+    """'cuda' only if the Ray cluster has a GPU: asking Ray for a missing GPU hangs forever."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if requested == "cuda" and gpus < 1:
+        raise ResourceError("device 'cuda' was requested but the Ray cluster has no GPU")
+    if requested == "auto":
+        return "cuda" if gpus >= 1 else "cpu"
+    return requested
+
+
+def _actor_name(kind: str, settings: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"tripletforge-{kind}-{digest}"
+
+
+class LLMWorker:
+    """Ray actor holding one vLLM engine."""
+
+    def __init__(self, model_path: str, model_name: str, llm_cfg: dict[str, Any], seed: int):
+        from schemas.config import LLMConfig
+
+        self.engine = VLLMEngine(model_path, model_name, LLMConfig(**llm_cfg), seed=seed)
+
+    def info(self) -> dict[str, Any]:
+        return {"load_seconds": self.engine.load_seconds, "pid": os.getpid()}
+
+    def chat_json(
+        self,
+        conversations: list[list[dict[str, str]]],
+        schema: dict[str, Any],
+        sampling: SamplingSettings,
+        seeds: list[int],
+    ) -> list[Completion]:
+        return self.engine.chat_json(conversations, schema, sampling, seeds)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class EmbedWorker:
+    """Ray actor holding one embedding model."""
+
+    def __init__(self, model_path: str, model_name: str, device: str, threads: int):
+        self.embedder = Embedder(model_path, model_name, device=device, threads=threads)
+
+    def info(self) -> dict[str, Any]:
+        return {"load_seconds": self.embedder.load_seconds, "dim": self.embedder.dim}
+
+    def encode(self, texts: list[str], batch_size: int, prefix: str) -> np.ndarray:
+        return self.embedder.encode(texts, batch_size=batch_size, prefix=prefix)
+
+    def shutdown(self) -> None:
+        self.embedder = None  # type: ignore[assignment]
+
+
+@dataclass
+class WorkerHandle:
+    name: str
+    actor: Any
+    created: bool  # True when this call started it (and so must shut it down)
+    model_name: str
+    model_path: str
+    device: str
+
+
+def _get_or_create(
+    cls: type, name: str, options: dict[str, Any], args: tuple[Any, ...], timeout_s: float
+) -> tuple[Any, bool]:
+    with contextlib.suppress(ValueError):
+        return ray.get_actor(name, namespace=NAMESPACE), False
+    actor = (
+        ray.remote(cls)
+        .options(name=name, namespace=NAMESPACE, get_if_exists=True, max_concurrency=1, **options)
+        .remote(*args)
+    )
+    ray.get(actor.info.remote(), timeout=timeout_s)  # surface load errors here, not mid-stage
+    return actor, True
+
+
+def llm_worker(cfg: PipelineConfig) -> WorkerHandle:
+    device = pick_device(cfg.llm.device)
+    path = str(resolve_llm_path(cfg.llm.model_path))
+    llm = cfg.llm.model_dump(mode="json")
+    llm["device"] = device
+    name = _actor_name("llm", {"path": path, "llm": llm, "seed": cfg.generation.seed})
+    cpus = cluster_cpus()
+    env = engine_env(cfg.llm, str(cache_dir()), cpus if device == "cpu" else 0)
+    env["OMP_NUM_THREADS"] = str(cpus)
+    # On CPU the actor reserves no logical CPU: it is long-lived and the stage tasks that feed
+    # it must still be schedulable on a 2-core machine. On CUDA it holds most of one GPU and
+    # leaves a share for the embedder (vLLM's gpu_memory_utilization leaves it the memory).
+    options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
+    if device == "cuda":
+        options["num_gpus"] = 1 - EMBED_GPU_SHARE
+    actor, created = _get_or_create(
+        LLMWorker,
+        name,
+        options,
+        (path, cfg.llm.model_name, llm, cfg.generation.seed),
+        cfg.runtime.task_timeout_s,
+    )
+    return WorkerHandle(name, actor, created, cfg.llm.model_name, path, device)
+
+
+def embed_worker(cfg: PipelineConfig) -> WorkerHandle:
+    device = pick_device(cfg.embedding.device)
+    path = str(resolve_embedding_path(cfg.embedding.model_path))
+    name = _actor_name("embed", {"path": path, "device": device})
+    cpus = cluster_cpus()
+    options: dict[str, Any] = {
+        "num_cpus": 0,
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cpus), "HF_HUB_OFFLINE": "1"}},
+    }
+    if device == "cuda":
+        options["num_gpus"] = EMBED_GPU_SHARE
+    actor, created = _get_or_create(
+        EmbedWorker,
+        name,
+        options,
+        (path, cfg.embedding.model_name, device, cpus if device == "cpu" else 0),
+        cfg.runtime.task_timeout_s,
+    )
+    return WorkerHandle(name, actor, created, cfg.embedding.model_name, path, device)
+
+
+def shutdown_worker(handle: WorkerHandle, timeout_s: float = 120) -> None:
+    """Shut the model down inside the actor (frees vLLM's shared memory), then end the actor."""
+    try:
+        ray.get(handle.actor.shutdown.remote(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - the actor is killed below whatever happened
+        log.warning("worker %s did not shut down cleanly; killing it", handle.name, exc_info=True)
+    ray.kill(handle.actor, no_restart=True)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """Use the configured Prefect API, else one temporary server for the whole run.
+
+    Without this every Ray worker would start its own ephemeral Prefect server (~8 s each).
+    The server is left for Prefect to stop at interpreter exit: stopping it here hung ~70 s.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield server.api_url

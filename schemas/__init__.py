@@ -1,0 +1,1 @@
+"""Data contracts: Arrow table schemas, the pipeline config, the manifest, LLM output schemas."""

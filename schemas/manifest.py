@@ -1,0 +1,48 @@
+"""The manifest written next to every run: what was run, with what, and what came out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ShardInfo(BaseModel):
+    path: str  # relative to the run folder
+    rows: int
+    sha256: str
+    fingerprint: str  # hash of the inputs and settings that produced it
+    stats: dict[str, Any] = Field(default_factory=dict)  # what the producing task counted
+
+
+class StageCounts(BaseModel):
+    """Per-stage accounting. Invariant: rows_in == rows_out + rejected + deduplicated."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    rejected: int = 0
+    deduplicated: int = 0
+    seconds: float = 0.0
+    skipped_shards: int = 0  # shards found complete on disk (resume)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def balanced(self) -> bool:
+        return self.rows_in == self.rows_out + self.rejected + self.deduplicated
+
+
+class Manifest(BaseModel):
+    run_id: str
+    config_hash: str
+    config: dict[str, Any]
+    created_at: str
+    tripletforge_version: str
+    versions: dict[str, str | None]
+    models: dict[str, dict[str, Any]]
+    stages: dict[str, StageCounts]
+    shards: dict[str, list[ShardInfo]]
+    reject_reasons: dict[str, dict[str, int]]
+    timings: dict[str, float]
+
+    def unbalanced_stages(self) -> list[str]:
+        return [name for name, c in self.stages.items() if not c.balanced]

@@ -1,0 +1,104 @@
+"""Arrow schemas of every table the pipeline writes. These are the data contracts."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PASSAGES = pa.schema(
+    [
+        pa.field("passage_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("source_id", pa.string()),
+        pa.field("metadata", pa.string()),  # JSON object of the user's extra columns
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # file, or passage_id/query_id
+        pa.field("row", pa.int64()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("raw", pa.string()),  # truncated
+    ]
+)
+
+CLUSTERS = pa.schema(
+    [
+        pa.field("passage_id", pa.string(), nullable=False),
+        pa.field("cluster_id", pa.string(), nullable=False),  # passage_id of the canonical member
+        pa.field("kind", pa.string(), nullable=False),  # exact | near | semantic
+        pa.field("similarity", pa.float32(), nullable=False),
+        pa.field("is_canonical", pa.bool_(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),
+    ]
+)
+
+QUERIES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("passage_id", pa.string(), nullable=False),
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("style", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("backend", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("sampling", pa.string(), nullable=False),  # JSON of the sampling parameters
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("output_tokens", pa.int32(), nullable=False),
+    ]
+)
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        ]
+    )
+
+
+CANDIDATES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("passage_id", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("positive_score", pa.float32(), nullable=False),
+        pa.field(
+            "rank", pa.int32()
+        ),  # among eligible candidates; null when excluded before ranking
+        pa.field("origin", pa.string(), nullable=False),  # mined | generated | given
+        pa.field("grade", pa.int8()),  # 0 = irrelevant .. 3 = fully relevant; null = ungraded
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string()),  # why it was not kept; null when kept
+    ]
+)
+
+NEGATIVE = pa.struct(
+    [
+        pa.field("id", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("grade", pa.int8()),
+        pa.field("score", pa.float32()),
+        pa.field("origin", pa.string()),
+    ]
+)
+
+TRIPLETS = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("style", pa.string(), nullable=False),
+        pa.field("positive_id", pa.string(), nullable=False),
+        pa.field("positive", pa.string(), nullable=False),
+        pa.field("positive_score", pa.float32(), nullable=False),
+        pa.field("negatives", pa.list_(NEGATIVE), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # train | eval
+    ]
+)

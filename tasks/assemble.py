@@ -1,0 +1,110 @@
+"""Assemble triplets from queries, passages and kept negatives; split; export for trainers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from schemas.config import SplitConfig
+from schemas.tables import TRIPLETS
+from tasks.io import write_bytes_atomic
+
+
+def split_of(group: str, cfg: SplitConfig) -> str:
+    """Deterministic train/eval assignment of a group (a positive's duplicate cluster)."""
+    digest = hashlib.blake2b(f"{cfg.seed}|{group}".encode(), digest_size=8).digest()
+    return "eval" if int.from_bytes(digest, "big") / 2**64 < cfg.eval_fraction else "train"
+
+
+def assemble_triplets(
+    queries: pa.Table,
+    passages: pa.Table,
+    candidates: pa.Table,
+    clusters: pa.Table,
+    cfg: SplitConfig,
+) -> pa.Table:
+    """One row per query that kept negatives: the query, its positive and negatives (best first).
+
+    The split is decided by the positive's duplicate cluster, so copies of one passage never
+    land in both train and eval.
+    """
+    text = pl.from_arrow(passages.select(["passage_id", "text"]))
+    kept = (
+        pl.from_arrow(candidates)
+        .filter(pl.col("kept"))
+        .join(text, on="passage_id", how="left")
+        .sort(["query_id", "rank"])
+        .group_by("query_id", maintain_order=True)
+        .agg(
+            pl.struct(
+                pl.col("passage_id").alias("id"),
+                "text",
+                "grade",
+                "score",
+                "origin",
+            ).alias("negatives"),
+            pl.col("positive_score").first(),
+        )
+    )
+    cluster_of = pl.from_arrow(clusters.select(["passage_id", "cluster_id"])).unique("passage_id")
+    df = (
+        pl.from_arrow(queries.select(["query_id", "query", "style", "passage_id"]))
+        .join(kept, on="query_id", how="inner")
+        .join(text.rename({"text": "positive"}), on="passage_id", how="left")
+        .join(cluster_of, on="passage_id", how="left")
+        .with_columns(pl.col("cluster_id").fill_null(pl.col("passage_id")))
+        .rename({"passage_id": "positive_id"})
+    )
+    groups = df["cluster_id"].unique().to_list()
+    split_map = pl.DataFrame(
+        {"cluster_id": groups, "split": [split_of(g, cfg) for g in groups]},
+        schema={"cluster_id": pl.String, "split": pl.String},
+    )
+    df = df.join(split_map, on="cluster_id", how="left").sort("query_id")
+    return df.select(TRIPLETS.names).to_arrow().cast(TRIPLETS)
+
+
+def to_sentence_transformers(triplets: pa.Table, num_negatives: int) -> tuple[pa.Table, int]:
+    """(anchor, positive, negative_1..n) rows for sentence-transformers; rows with fewer than
+    `num_negatives` negatives cannot fill the columns and are counted, not silently dropped."""
+    df = pl.from_arrow(triplets)
+    full = df.filter(pl.col("negatives").list.len() >= num_negatives)
+    out = full.select(
+        "split",
+        pl.col("query").alias("anchor"),
+        "positive",
+        *[
+            pl.col("negatives").list.get(i).struct.field("text").alias(f"negative_{i + 1}")
+            for i in range(num_negatives)
+        ],
+    )
+    return out.to_arrow(), df.height - full.height
+
+
+def to_flagembedding_lines(triplets: pa.Table) -> dict[str, list[str]]:
+    """FlagEmbedding fine-tuning JSONL lines per split: query, pos, neg, pos_scores, neg_scores."""
+    lines: dict[str, list[str]] = {}
+    for row in triplets.to_pylist():
+        record = {
+            "query": row["query"],
+            "pos": [row["positive"]],
+            "neg": [n["text"] for n in row["negatives"]],
+            "pos_scores": [row["positive_score"]],
+            "neg_scores": [n["score"] for n in row["negatives"]],
+            "prompt": "",
+            "type": "normal",
+        }
+        lines.setdefault(row["split"], []).append(json.dumps(record, ensure_ascii=False))
+    return lines
+
+
+def write_flagembedding(triplets: pa.Table, folder: Path) -> dict[str, int]:
+    counts = {}
+    for split, lines in to_flagembedding_lines(triplets).items():
+        write_bytes_atomic(folder / f"{split}.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
+        counts[split] = len(lines)
+    return counts

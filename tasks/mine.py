@@ -1,0 +1,248 @@
+"""Hard-negative mining with false-negative filters.
+
+`retrieve_candidates` finds, for each query, the most similar corpus passages (exact inner
+product over L2-normalized embeddings, in blocks so memory stays bounded by block x corpus).
+`label_candidates` then decides, for every candidate, whether it is kept as a negative and, if
+not, the first rule that removed it. Every rule is its own small function so each can be tested
+and documented alone; the order is the one in `schemas.config.MiningConfig`:
+
+    is_positive, duplicate_of_positive  ->  rank among the rest  ->  outside_rank_range
+    -> above_positive_ratio, within_margin, above_max_score  ->  beyond_num_negatives
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from schemas.config import MiningConfig
+from schemas.tables import CANDIDATES, REJECTS
+
+STAGE = "mine"
+
+
+@dataclass
+class MiningResult:
+    candidates: pa.Table  # every retrieved candidate with kept/reason
+    rejects: pa.Table  # queries left with too few negatives
+    queries_kept: int
+
+
+def exact_topk(
+    queries: np.ndarray, corpus: np.ndarray, k: int, block: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k corpus rows by inner product for each query: (indices, scores), best first."""
+    n = corpus.shape[0]
+    k = min(k, n)
+    idx = np.empty((queries.shape[0], k), dtype=np.int64)
+    scores = np.empty((queries.shape[0], k), dtype=np.float32)
+    for start in range(0, queries.shape[0], block):
+        sims = queries[start : start + block] @ corpus.T
+        if k < n:
+            part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        else:
+            part = np.broadcast_to(np.arange(n), sims.shape)
+        part_scores = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        idx[start : start + block] = np.take_along_axis(part, order, axis=1)
+        scores[start : start + block] = np.take_along_axis(part_scores, order, axis=1)
+    return idx, scores
+
+
+def retrieve_candidates(
+    query_ids: list[str],
+    positive_ids: list[str],
+    query_vectors: np.ndarray,
+    corpus_ids: list[str],
+    corpus_vectors: np.ndarray,
+    k: int,
+) -> pl.DataFrame:
+    """Long table (query_id, positive_id, passage_id, score, positive_score), best first.
+
+    The positive's own score is computed directly, so it is known even when the positive is not
+    among the top k.
+    """
+    row_of = {pid: i for i, pid in enumerate(corpus_ids)}
+    missing = [p for p in positive_ids if p not in row_of]
+    if missing:
+        raise ValueError(f"{len(missing)} positives are not in the corpus, e.g. {missing[0]}")
+    idx, scores = exact_topk(query_vectors, corpus_vectors, k)
+    pos_rows = np.array([row_of[p] for p in positive_ids], dtype=np.int64)
+    pos_scores = np.einsum("ij,ij->i", query_vectors, corpus_vectors[pos_rows]).astype(np.float32)
+    kk = idx.shape[1]
+    corpus_arr = np.asarray(corpus_ids, dtype=object)
+    return pl.DataFrame(
+        {
+            "query_id": np.repeat(np.asarray(query_ids, dtype=object), kk),
+            "positive_id": np.repeat(np.asarray(positive_ids, dtype=object), kk),
+            "passage_id": corpus_arr[idx.reshape(-1)],
+            "score": scores.reshape(-1),
+            "positive_score": np.repeat(pos_scores, kk),
+        },
+        schema={
+            "query_id": pl.String,
+            "positive_id": pl.String,
+            "passage_id": pl.String,
+            "score": pl.Float32,
+            "positive_score": pl.Float32,
+        },
+    )
+
+
+# --- rules: each returns a boolean expression, True where the candidate is removed ---------------
+
+
+def rule_is_positive() -> pl.Expr:
+    return pl.col("passage_id") == pl.col("positive_id")
+
+
+def rule_duplicate_of_positive() -> pl.Expr:
+    """Same duplicate cluster as the positive (needs `cluster` and `positive_cluster` columns)."""
+    return pl.col("cluster") == pl.col("positive_cluster")
+
+
+def rule_outside_rank_range(min_rank: int, max_rank: int) -> pl.Expr:
+    return (pl.col("rank") < min_rank) | (pl.col("rank") >= max_rank)
+
+
+def rule_above_positive_ratio(ratio: float | None) -> pl.Expr | None:
+    """NV-Retriever's TopK-PercPos: keep only score < ratio * positive_score."""
+    if ratio is None:
+        return None
+    return pl.col("score") >= ratio * pl.col("positive_score")
+
+
+def rule_within_margin(margin: float | None) -> pl.Expr | None:
+    """Absolute margin: keep only score <= positive_score - margin."""
+    if margin is None:
+        return None
+    return pl.col("score") > pl.col("positive_score") - margin
+
+
+def rule_above_max_score(max_score: float | None) -> pl.Expr | None:
+    if max_score is None:
+        return None
+    return pl.col("score") > max_score
+
+
+def _first_reason(rules: list[tuple[str, pl.Expr | None]]) -> pl.Expr:
+    """The name of the first rule that fires, else null. A null comparison never fires."""
+    expr = pl.lit(None, dtype=pl.String)
+    for name, rule in reversed(rules):
+        if rule is not None:
+            expr = pl.when(rule.fill_null(False)).then(pl.lit(name)).otherwise(expr)
+    return expr
+
+
+def with_clusters(cands: pl.DataFrame, clusters: pl.DataFrame) -> pl.DataFrame:
+    """Add `cluster` (candidate's) and `positive_cluster`; a passage with no cluster is its own."""
+    mapping = clusters.select("passage_id", pl.col("cluster_id").alias("cluster")).unique(
+        "passage_id"
+    )
+    out = cands.join(mapping, on="passage_id", how="left").join(
+        mapping.rename({"passage_id": "positive_id", "cluster": "positive_cluster"}),
+        on="positive_id",
+        how="left",
+    )
+    return out.with_columns(
+        pl.col("cluster").fill_null(pl.col("passage_id")),
+        pl.col("positive_cluster").fill_null(pl.col("positive_id")),
+    )
+
+
+def label_candidates(
+    cands: pl.DataFrame, clusters: pl.DataFrame, cfg: MiningConfig
+) -> pl.DataFrame:
+    """Add rank, kept and reason to every candidate (see module docstring for the order)."""
+    df = with_clusters(cands, clusters).sort(["query_id", "score"], descending=[False, True])
+    exclusion = _first_reason(
+        [
+            ("is_positive", rule_is_positive()),
+            (
+                "duplicate_of_positive",
+                rule_duplicate_of_positive() if cfg.exclude_duplicate_clusters else None,
+            ),
+        ]
+    )
+    df = df.with_columns(exclusion.alias("reason"))
+    eligible = pl.col("reason").is_null()
+    df = df.with_columns(
+        pl.when(eligible)
+        .then(eligible.cast(pl.Int32).cum_sum().over("query_id") - 1)
+        .otherwise(None)
+        .cast(pl.Int32)
+        .alias("rank")
+    )
+    score_rules = _first_reason(
+        [
+            ("outside_rank_range", rule_outside_rank_range(cfg.min_rank, cfg.max_rank)),
+            ("above_positive_ratio", rule_above_positive_ratio(cfg.max_positive_ratio)),
+            ("within_margin", rule_within_margin(cfg.margin)),
+            ("above_max_score", rule_above_max_score(cfg.max_score)),
+        ]
+    )
+    df = df.with_columns(pl.coalesce("reason", score_rules).alias("reason"))
+    survivor = pl.col("reason").is_null()
+    df = df.with_columns(
+        pl.when(survivor & (survivor.cast(pl.Int32).cum_sum().over("query_id") > cfg.num_negatives))
+        .then(pl.lit("beyond_num_negatives"))
+        .otherwise(pl.col("reason"))
+        .alias("reason")
+    )
+    return df.with_columns(pl.col("reason").is_null().alias("kept"))
+
+
+def mine_negatives(
+    queries: pa.Table,
+    query_vectors: np.ndarray,
+    corpus_ids: list[str],
+    corpus_vectors: np.ndarray,
+    clusters: pa.Table,
+    cfg: MiningConfig,
+) -> MiningResult:
+    """The whole stage for one shard of queries (query_id, passage_id = positive)."""
+    qids = queries.column("query_id").to_pylist()
+    pids = queries.column("passage_id").to_pylist()
+    cluster_df = pl.from_arrow(clusters.select(["passage_id", "cluster_id"]))
+    largest_cluster = (
+        int(cluster_df.group_by("cluster_id").len()["len"].max() or 1) if clusters.num_rows else 1
+    )
+    # Room for the positive and its whole duplicate cluster on top of the rank window.
+    k = cfg.max_rank + largest_cluster + 1
+    cands = retrieve_candidates(qids, pids, query_vectors, corpus_ids, corpus_vectors, k)
+    labelled = label_candidates(cands, cluster_df, cfg)
+    kept_per_query = labelled.group_by("query_id").agg(pl.col("kept").sum().alias("n"))
+    short = (
+        pl.DataFrame({"query_id": qids}, schema={"query_id": pl.String})
+        .join(kept_per_query, on="query_id", how="left")
+        .filter(pl.col("n").fill_null(0) < cfg.min_negatives)
+    )
+    rejects = short.select(
+        pl.lit(STAGE).alias("stage"),
+        pl.col("query_id").alias("source"),
+        pl.lit(None, dtype=pl.Int64).alias("row"),
+        pl.lit("too_few_negatives").alias("reason"),
+        pl.format(
+            "{} kept < min_negatives {}", pl.col("n").fill_null(0), pl.lit(cfg.min_negatives)
+        ).alias("detail"),
+        pl.lit(None, dtype=pl.String).alias("raw"),
+    )
+    candidates = labelled.select(
+        "query_id",
+        "passage_id",
+        "score",
+        "positive_score",
+        "rank",
+        pl.lit("mined").alias("origin"),
+        pl.lit(None, dtype=pl.Int8).alias("grade"),
+        "kept",
+        "reason",
+    )
+    return MiningResult(
+        candidates.to_arrow().cast(CANDIDATES),
+        rejects.to_arrow().cast(REJECTS),
+        len(qids) - short.height,
+    )

@@ -1,0 +1,110 @@
+import json
+
+import pyarrow as pa
+import pytest
+
+from schemas.config import SplitConfig
+from schemas.tables import CANDIDATES, CLUSTERS, QUERIES, TRIPLETS
+from tasks.assemble import (
+    assemble_triplets,
+    split_of,
+    to_flagembedding_lines,
+    to_sentence_transformers,
+)
+from tests.helpers import passages
+
+
+def build(eval_fraction=0.0):
+    ps = passages(
+        ["positive passage one", "negative passage a", "negative passage b", "other positive"]
+    )
+    pid = ps["passage_id"].to_pylist()
+    queries = pa.Table.from_pylist(
+        [
+            {
+                "query_id": "q1",
+                "passage_id": pid[0],
+                "query": "first?",
+                "style": "question",
+                "model": "m",
+                "backend": "vllm",
+                "prompt_version": "v",
+                "sampling": "{}",
+                "seed": 1,
+                "output_tokens": 3,
+            },
+            {
+                "query_id": "q2",
+                "passage_id": pid[3],
+                "query": "second?",
+                "style": "question",
+                "model": "m",
+                "backend": "vllm",
+                "prompt_version": "v",
+                "sampling": "{}",
+                "seed": 2,
+                "output_tokens": 3,
+            },
+        ],
+        schema=QUERIES,
+    )
+
+    def cand(q, p, score, rank, kept):
+        return {
+            "query_id": q,
+            "passage_id": p,
+            "score": score,
+            "positive_score": 0.9,
+            "rank": rank,
+            "origin": "mined",
+            "grade": None,
+            "kept": kept,
+            "reason": None if kept else "x",
+        }
+
+    cands = pa.Table.from_pylist(
+        [
+            cand("q1", pid[2], 0.5, 1, True),
+            cand("q1", pid[1], 0.6, 0, True),
+            cand("q1", pid[3], 0.4, 2, False),
+            cand("q2", pid[1], 0.3, 0, True),
+        ],
+        schema=CANDIDATES,
+    )
+    return assemble_triplets(
+        queries, ps, cands, CLUSTERS.empty_table(), SplitConfig(eval_fraction=eval_fraction)
+    ), pid
+
+
+def test_triplets_carry_negatives_best_first_with_texts():
+    triplets, pid = build()
+    assert triplets.schema.equals(TRIPLETS)
+    rows = {r["query_id"]: r for r in triplets.to_pylist()}
+    assert [n["id"] for n in rows["q1"]["negatives"]] == [pid[1], pid[2]]
+    assert rows["q1"]["negatives"][0]["text"] == "negative passage a"
+    assert rows["q1"]["positive"] == "positive passage one" and rows["q1"][
+        "positive_score"
+    ] == pytest.approx(0.9)
+    assert len(rows["q2"]["negatives"]) == 1
+    assert {r["split"] for r in rows.values()} == {"train"}
+
+
+def test_split_is_deterministic_and_roughly_the_fraction():
+    cfg = SplitConfig(eval_fraction=0.2, seed=3)
+    splits = [split_of(f"c{i}", cfg) for i in range(2000)]
+    assert splits == [split_of(f"c{i}", cfg) for i in range(2000)]
+    assert 0.16 < splits.count("eval") / 2000 < 0.24
+    assert {split_of("c", SplitConfig(eval_fraction=0.0))} == {"train"}
+
+
+def test_exports_for_sentence_transformers_and_flagembedding():
+    triplets, _ = build()
+    st, skipped = to_sentence_transformers(triplets, 2)
+    assert st.column_names == ["split", "anchor", "positive", "negative_1", "negative_2"]
+    assert st.num_rows == 1 and skipped == 1
+    assert st.to_pylist()[0]["negative_1"] == "negative passage a"
+    lines = to_flagembedding_lines(triplets)["train"]
+    first = json.loads(lines[0])
+    assert set(first) >= {"query", "pos", "neg", "pos_scores", "neg_scores"}
+    assert first["neg"] == ["negative passage a", "negative passage b"]
+    assert len(first["neg_scores"]) == 2 and first["pos_scores"] == [first["pos_scores"][0]]

@@ -1,0 +1,192 @@
+"""Semantics of every mining rule, on crafted embeddings whose scores are known exactly."""
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from schemas.config import MiningConfig
+from schemas.tables import CANDIDATES, CLUSTERS
+from tasks.mine import exact_topk, label_candidates, mine_negatives
+
+
+def unit(v):
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def corpus_with_scores(scores: list[float]) -> np.ndarray:
+    """Unit vectors whose inner product with the query e0 equals each given score."""
+    rows = []
+    for s in scores:
+        rows.append([s, np.sqrt(max(0.0, 1 - s * s)), 0.0])
+    return np.asarray(rows, dtype=np.float32)
+
+
+QUERY = np.asarray([[1.0, 0.0, 0.0]], dtype=np.float32)
+
+
+def clusters_table(rows: list[tuple[str, str]]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "passage_id": p,
+                "cluster_id": c,
+                "kind": "exact",
+                "similarity": 1.0,
+                "is_canonical": p == c,
+                "source": "f",
+                "row": i,
+            }
+            for i, (p, c) in enumerate(rows)
+        ],
+        schema=CLUSTERS,
+    )
+
+
+def mine(scores, cfg, clusters=None, positive="pos"):
+    ids = ["pos"] + [f"n{i}" for i in range(len(scores) - 1)]
+    queries = pa.table({"query_id": ["q"], "passage_id": [positive]})
+    result = mine_negatives(
+        queries,
+        QUERY,
+        ids,
+        corpus_with_scores(scores),
+        clusters if clusters is not None else CLUSTERS.empty_table(),
+        cfg,
+    )
+    assert result.candidates.schema.equals(CANDIDATES)
+    df = pl.from_arrow(result.candidates)
+    return df, result
+
+
+def kept_ids(df: pl.DataFrame) -> list[str]:
+    return df.filter(pl.col("kept")).sort("rank")["passage_id"].to_list()
+
+
+def reason_of(df: pl.DataFrame, pid: str) -> str | None:
+    return df.filter(pl.col("passage_id") == pid)["reason"].item()
+
+
+def test_positive_aware_ratio_boundary():
+    # positive score 0.8; threshold 0.95 * 0.8 = 0.76: a negative at exactly 0.76 is removed.
+    df, _ = mine(
+        [0.8, 0.9, 0.76, 0.7599, 0.5], MiningConfig(num_negatives=5, max_positive_ratio=0.95)
+    )
+    assert reason_of(df, "pos") == "is_positive"
+    assert (
+        reason_of(df, "n0") == "above_positive_ratio"
+    )  # scores above the positive: false negative
+    assert reason_of(df, "n1") == "above_positive_ratio"  # exactly at the threshold
+    assert kept_ids(df) == ["n2", "n3"]
+
+
+def test_ratio_disabled_keeps_candidates_scoring_above_positive():
+    df, _ = mine([0.8, 0.9, 0.5], MiningConfig(num_negatives=5, max_positive_ratio=None))
+    assert kept_ids(df) == ["n0", "n1"]
+
+
+def test_margin_and_max_score():
+    cfg = MiningConfig(num_negatives=5, max_positive_ratio=None, margin=0.1)
+    df, _ = mine([0.8, 0.75, 0.7, 0.69], cfg)
+    assert reason_of(df, "n0") == "within_margin"
+    assert kept_ids(df) == ["n1", "n2"]  # 0.7 is exactly positive - margin: kept
+    cfg = MiningConfig(num_negatives=5, max_positive_ratio=None, max_score=0.6)
+    df, _ = mine([0.8, 0.7, 0.6, 0.5], cfg)
+    assert reason_of(df, "n0") == "above_max_score"
+    assert kept_ids(df) == ["n1", "n2"]
+
+
+def test_rank_range_counts_after_excluding_positive_and_duplicates():
+    cfg = MiningConfig(num_negatives=5, min_rank=1, max_rank=3, max_positive_ratio=None)
+    df, _ = mine([0.99, 0.9, 0.8, 0.7, 0.6], cfg)
+    ranks = dict(zip(df["passage_id"], df["rank"], strict=True))
+    assert ranks["pos"] is None and ranks["n0"] == 0 and ranks["n3"] == 3
+    assert reason_of(df, "n0") == "outside_rank_range"
+    assert reason_of(df, "n3") == "outside_rank_range"
+    assert kept_ids(df) == ["n1", "n2"]
+
+
+def test_duplicate_cluster_of_positive_is_never_a_negative():
+    clusters = clusters_table([("pos", "pos"), ("n1", "pos")])
+    cfg = MiningConfig(num_negatives=5, max_positive_ratio=None)
+    df, _ = mine([0.9, 0.8, 0.85, 0.5], cfg, clusters)
+    assert reason_of(df, "n1") == "duplicate_of_positive"
+    assert kept_ids(df) == ["n0", "n2"]
+    # With the exclusion switched off the copy comes back.
+    cfg = MiningConfig(num_negatives=5, max_positive_ratio=None, exclude_duplicate_clusters=False)
+    df, _ = mine([0.9, 0.8, 0.85, 0.5], cfg, clusters)
+    assert kept_ids(df) == ["n1", "n0", "n2"]
+
+
+def test_num_negatives_keeps_the_hardest_and_too_few_is_rejected():
+    df, result = mine([0.9, 0.5, 0.6, 0.4], MiningConfig(num_negatives=2))
+    assert kept_ids(df) == ["n1", "n0"]
+    assert reason_of(df, "n2") == "beyond_num_negatives"
+    assert result.queries_kept == 1 and result.rejects.num_rows == 0
+    df, result = mine([0.5, 0.9, 0.8], MiningConfig(num_negatives=2, min_negatives=1))
+    assert kept_ids(df) == []
+    assert result.queries_kept == 0
+    assert result.rejects.column("reason").to_pylist() == ["too_few_negatives"]
+
+
+def test_positive_missing_from_corpus_is_an_error():
+    with pytest.raises(ValueError, match="not in the corpus"):
+        mine([0.9, 0.5], MiningConfig(), positive="elsewhere")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    arrays(
+        np.float32, st.tuples(st.integers(1, 6), st.just(4)), elements=st.floats(-1, 1, width=32)
+    ),
+    arrays(
+        np.float32, st.tuples(st.integers(1, 30), st.just(4)), elements=st.floats(-1, 1, width=32)
+    ),
+    st.integers(1, 40),
+)
+def test_exact_topk_matches_brute_force(queries, corpus, k):
+    idx, scores = exact_topk(queries, corpus, k, block=4)
+    sims = queries @ corpus.T
+    kk = min(k, corpus.shape[0])
+    expected = -np.sort(-sims, axis=1)[:, :kk]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(sims, idx, axis=1), scores, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=2, max_size=25),
+    st.floats(0.5, 1.2),
+    st.integers(1, 6),
+)
+def test_property_kept_negatives_respect_every_filter(scores, ratio, n):
+    cfg = MiningConfig(num_negatives=n, max_positive_ratio=ratio, max_rank=20)
+    cands = pl.DataFrame(
+        {
+            "query_id": ["q"] * len(scores),
+            "positive_id": ["p0"] * len(scores),
+            "passage_id": [f"p{i}" for i in range(len(scores))],
+            "score": scores,
+            "positive_score": [scores[0]] * len(scores),
+        },
+        schema_overrides={"score": pl.Float32, "positive_score": pl.Float32},
+    )
+    clusters = pl.DataFrame(schema={"passage_id": pl.String, "cluster_id": pl.String})
+    df = label_candidates(cands, clusters, cfg)
+    kept = df.filter(pl.col("kept"))
+    assert kept.height <= n
+    assert "p0" not in kept["passage_id"].to_list()
+    assert (kept["score"] < ratio * kept["positive_score"]).all()
+    assert (kept["rank"] < cfg.max_rank).all()
+    # every removed candidate says why; every kept one has no reason
+    assert df.filter(~pl.col("kept"))["reason"].null_count() == 0
+    assert kept["reason"].null_count() == kept.height
+    # the kept ones are the highest-scoring of those that passed every filter
+    passed_over = df.filter(pl.col("reason") == "beyond_num_negatives")
+    if passed_over.height:
+        assert kept.height == n
+        assert kept["score"].min() >= passed_over["score"].max()

