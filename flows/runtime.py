@@ -57,7 +57,7 @@ def ray_init_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "namespace": NAMESPACE,
         "runtime_env": {"env_vars": worker_env(cpus)},
-        "log_to_driver": True,
+        "log_to_driver": cfg.runtime.worker_logs,
     }
     if address:
         kwargs["address"] = address

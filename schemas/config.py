@@ -166,6 +166,9 @@ class RuntimeConfig(_Section):
     num_cpus: int | None = Field(default=None, ge=1, description="Local Ray CPUs; default: all.")
     object_store_mb: int = Field(default=1024, ge=100)
     task_timeout_s: float = Field(default=3600, gt=0)
+    worker_logs: bool = Field(
+        default=False, description="Stream Ray worker logs (vLLM, model loading) to the console."
+    )
 
 
 class PipelineConfig(_Section):

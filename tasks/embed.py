@@ -27,7 +27,9 @@ class Embedder:
         self.model: Any = SentenceTransformer(model_path, device=device, local_files_only=True)
         self.load_seconds = time.perf_counter() - start
         self.model_name = model_name
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        # sentence-transformers >= 6 renamed get_sentence_embedding_dimension.
+        get_dim = getattr(self.model, "get_embedding_dimension", None)
+        self.dim = int(get_dim() if get_dim else self.model.get_sentence_embedding_dimension())
         log.info("embedder %s (dim %d) loaded in %.1f s", model_name, self.dim, self.load_seconds)
 
     def encode(self, texts: list[str], batch_size: int = 64, prefix: str = "") -> np.ndarray:
