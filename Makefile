@@ -32,7 +32,7 @@ models: install
 	$(BIN)/tripletforge prepare-models
 
 demo: models
-	$(BIN)/tripletforge run --config configs/demo.yaml
+	$(BIN)/tripletforge run --config configs/demo.yaml --report
 
 test: models
 	$(BIN)/pytest

@@ -85,6 +85,9 @@ def run(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override, e.g. mining.num_negatives=8.")
     ] = None,
+    with_report: Annotated[
+        bool, typer.Option("--report", help="Also write report/report.html with plots.")
+    ] = False,
 ) -> None:
     """Build a triplet dataset: ingest, dedup, generate, embed, mine, assemble."""
     _quiet_env()
@@ -99,6 +102,10 @@ def run(
         run_dir, doc = run_pipeline(cfg, output)
     console.print(f"flow finished in {time.perf_counter() - start:.1f} s")
     print_summary(run_dir, doc)
+    if with_report:
+        from tasks.report import build_report
+
+        console.print(f"[bold]report:[/bold] {build_report(run_dir).resolve()}")
 
 
 @app.command("prepare-models")
@@ -133,6 +140,15 @@ def query(
     for row in rows:
         table.add_row(*[str(v) for v in row])
     console.print(table)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
+    """Write report/report.html with plots of score distributions, filters and rejects."""
+    from tasks.report import build_report
+
+    path = build_report(run_dir)
+    console.print(f"report: {path.resolve()}")
 
 
 @app.command()

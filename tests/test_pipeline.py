@@ -133,3 +133,17 @@ def test_rerun_resumes_from_shards_and_reproduces_the_triplets(first_run):
     assert stages["mine"]["skipped_shards"] == n_query_shards - 1  # only the lost shard redone
     after = {p.name: p.read_bytes() for p in (run_dir / "triplets").glob("*.parquet")}
     assert after == before
+
+
+def test_report_has_plots_and_the_stage_table(first_run):
+    from tasks.report import build_report
+
+    _, run_dir, doc = first_run
+    page = build_report(run_dir).read_text()
+    assert page.count("data:image/png;base64,") >= 3
+    assert f"run {doc['run_id']}" in page
+    for stage in ("ingest", "dedup", "generate", "mine"):
+        assert f"<td>{stage}</td>" in page
+    pngs = sorted(p.name for p in (run_dir / "report").glob("*.png"))
+    assert {"scores.png", "candidate_reasons.png", "rejects.png"} <= set(pngs)
+    assert all((run_dir / "report" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
