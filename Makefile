@@ -5,8 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tripletforge-installed
 EXTRA  ?= cpu
 
-# Models, Prefect's local state and vLLM caches stay inside the checkout.
-export TRIPLETFORGE_CACHE ?= $(CURDIR)/.cache
+# Prepared models live in TRIPLETFORGE_CACHE (default ~/.cache/tripletforge), where the CLI
+# finds them however it is started. Prefect's local state stays inside the checkout.
 export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_AUTH_MODE := disabled

@@ -38,6 +38,7 @@ from tasks.io import (
     slice_table,
     write_parquet_atomic,
 )
+from tasks.models import resolve_llm_path
 from tasks.prompts import PROMPTS
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,50 @@ def _reuse(*pairs: tuple[Path, str]) -> list[ShardInfo] | None:
     """ShardInfos when every (path, fingerprint) is already on disk, else None."""
     infos = [existing_shard(path, fp) for path, fp in pairs]
     return None if any(i is None for i in infos) else infos  # type: ignore[return-value]
+
+
+def _generate_outputs(
+    shard: ShardInfo, index: int, limit: int, llm_path: str, cfg: PipelineConfig, run_dir: str
+) -> tuple[str, Path, Path]:
+    """(fingerprint, queries path, rejects path) of one generate shard."""
+    fp = fingerprint(
+        "generate",
+        shard.sha256,
+        limit,
+        llm_path,
+        cfg.generation.model_dump(mode="json"),
+        cfg.llm.model_dump(mode="json"),
+        sorted(p.version for p in PROMPTS.values()),
+    )
+    root = Path(run_dir)
+    return fp, root / "queries" / _part(index), root / "rejects" / f"generate-{index:05d}.parquet"
+
+
+def _embed_output(
+    shard: ShardInfo, kind: str, index: int, cfg: PipelineConfig, run_dir: str
+) -> tuple[str, Path]:
+    fp = fingerprint("embed", kind, shard.sha256, cfg.embedding.model_dump(mode="json"))
+    return fp, Path(run_dir) / "embeddings" / f"{kind}-{index:05d}.parquet"
+
+
+def _model_work_pending(
+    passage_shards: list[ShardInfo],
+    limits: list[int],
+    llm_path: str,
+    cfg: PipelineConfig,
+    run_dir: str,
+) -> tuple[bool, bool]:
+    """(LLM needed, embedder needed): False when every shard that model makes is on disk."""
+    embed_needed = False
+    for i, shard in enumerate(passage_shards):
+        fp, out, rej = _generate_outputs(shard, i, limits[i], llm_path, cfg, run_dir)
+        done = _reuse((rej, fp), (out, fp))
+        if done is None:
+            return True, True
+        for kind, source in (("passages", shard), ("queries", done[1])):
+            efp, eout = _embed_output(source, kind, i, cfg, run_dir)
+            embed_needed = embed_needed or existing_shard(eout, efp) is None
+    return False, embed_needed
 
 
 # --- stage tasks ---------------------------------------------------------------------------------
@@ -141,17 +186,7 @@ def generate_task(
     run_dir: str,
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    fp = fingerprint(
-        "generate",
-        shard.sha256,
-        limit,
-        llm_path,
-        cfg.generation.model_dump(mode="json"),
-        cfg.llm.model_dump(mode="json"),
-        sorted(p.version for p in PROMPTS.values()),
-    )
-    out = Path(run_dir) / "queries" / _part(index)
-    rej = Path(run_dir) / "rejects" / f"generate-{index:05d}.parquet"
+    fp, out, rej = _generate_outputs(shard, index, limit, llm_path, cfg, run_dir)
     reused = _reuse((rej, fp), (out, fp))
     if reused:
         return {"queries": reused[1], "rejects": reused[0], "skipped": True, "seconds": 0.0}
@@ -174,8 +209,7 @@ def embed_task(
         "passages": ("passage_id", "text", cfg.embedding.passage_prefix),
         "queries": ("query_id", "query", cfg.embedding.query_prefix),
     }[kind]
-    fp = fingerprint("embed", kind, shard.sha256, cfg.embedding.model_dump(mode="json"))
-    out = Path(run_dir) / "embeddings" / f"{kind}-{index:05d}.parquet"
+    fp, out = _embed_output(shard, kind, index, cfg, run_dir)
     reused = _reuse((out, fp))
     if reused:
         return {"embeddings": reused[0], "skipped": True, "seconds": 0.0}
@@ -328,28 +362,35 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     passage_shards: list[ShardInfo] = deduped["passages"]
     clusters: ShardInfo = deduped["clusters"]
 
+    budget = cfg.generation.max_passages
+    limits = []
+    for s in passage_shards:
+        take = s.rows if budget is None else max(0, min(s.rows, budget))
+        limits.append(take)
+        budget = None if budget is None else budget - take
+
     workers = []
     try:
         t0 = time.perf_counter()
-        llm = runtime.llm_worker(cfg)
+        llm_path = str(resolve_llm_path(cfg.llm.model_path))
+        need_llm, need_embedder = _model_work_pending(
+            passage_shards, limits, llm_path, cfg, run_dir
+        )
+        llm = runtime.llm_worker(cfg, start=need_llm)
         workers.append(llm)
-        embedder = runtime.embed_worker(cfg)
+        embedder = runtime.embed_worker(cfg, start=need_embedder)
         workers.append(embedder)
         wall["load_models"] = time.perf_counter() - t0
         logger.info(
-            "models ready: llm=%s (%s), embedder=%s",
+            "models: llm=%s (%s, %s), embedder=%s (%s)",
             llm.model_name,
             llm.device,
+            "loaded" if llm.actor else "not needed: every shard is on disk",
             embedder.model_name,
+            "loaded" if embedder.actor else "not needed",
         )
 
         t0 = time.perf_counter()
-        budget = cfg.generation.max_passages
-        limits = []
-        for s in passage_shards:
-            take = s.rows if budget is None else max(0, min(s.rows, budget))
-            limits.append(take)
-            budget = None if budget is None else budget - take
         gen_futs = [
             generate_task.submit(s, i, limits[i], llm.name, llm.model_path, cfg, run_dir)
             for i, s in enumerate(passage_shards)

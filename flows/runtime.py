@@ -140,10 +140,18 @@ class WorkerHandle:
 
 
 def _get_or_create(
-    cls: type, name: str, options: dict[str, Any], args: tuple[Any, ...], timeout_s: float
+    cls: type,
+    name: str,
+    options: dict[str, Any],
+    args: tuple[Any, ...],
+    timeout_s: float,
+    start: bool,
 ) -> tuple[Any, bool]:
+    """(actor or None, created). With start=False a missing worker is not started."""
     with contextlib.suppress(ValueError):
         return ray.get_actor(name, namespace=NAMESPACE), False
+    if not start:
+        return None, False
     actor = (
         ray.remote(cls)
         .options(name=name, namespace=NAMESPACE, get_if_exists=True, max_concurrency=1, **options)
@@ -153,7 +161,7 @@ def _get_or_create(
     return actor, True
 
 
-def llm_worker(cfg: PipelineConfig) -> WorkerHandle:
+def llm_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
     device = pick_device(cfg.llm.device)
     path = str(resolve_llm_path(cfg.llm.model_path))
     llm = cfg.llm.model_dump(mode="json")
@@ -174,11 +182,12 @@ def llm_worker(cfg: PipelineConfig) -> WorkerHandle:
         options,
         (path, cfg.llm.model_name, llm, cfg.generation.seed),
         cfg.runtime.task_timeout_s,
+        start,
     )
     return WorkerHandle(name, actor, created, cfg.llm.model_name, path, device)
 
 
-def embed_worker(cfg: PipelineConfig) -> WorkerHandle:
+def embed_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
     device = pick_device(cfg.embedding.device)
     path = str(resolve_embedding_path(cfg.embedding.model_path))
     name = _actor_name("embed", {"path": path, "device": device})
@@ -195,6 +204,7 @@ def embed_worker(cfg: PipelineConfig) -> WorkerHandle:
         options,
         (path, cfg.embedding.model_name, device, cpus if device == "cpu" else 0),
         cfg.runtime.task_timeout_s,
+        start,
     )
     return WorkerHandle(name, actor, created, cfg.embedding.model_name, path, device)
 
