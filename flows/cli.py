@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -31,6 +32,22 @@ def _quiet_env() -> None:
         "RAY_DEDUP_LOGS": "1",
     }.items():
         os.environ.setdefault(key, value)
+
+
+class _StatusHandler(logging.Handler):
+    """Shows the flow's progress messages in the live status line and keeps a log of them."""
+
+    def __init__(self, status: Any, start: float):
+        super().__init__(logging.INFO)
+        self.status, self.start = status, start
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        line = f"[{time.perf_counter() - self.start:6.1f} s] {text}"
+        self.status.update(line)
+        shards = re.search(r"(\d+)/(\d+) shards$", text)
+        if shards is None or shards[1] == shards[2]:  # a stage message, or a stage's last shard
+            console.print(line)
 
 
 def _stage_table(doc: dict) -> Table:
@@ -98,8 +115,16 @@ def run(
     cfg = load_config(config, set_ or [])
     console.print(f"run id [bold]{cfg.run_id}[/bold] (config hash {cfg.config_hash()[:12]})")
     start = time.perf_counter()
-    with console.status("running build_dataset (Prefect flow on Ray)..."):
-        run_dir, doc = run_pipeline(cfg, output)
+    with console.status("starting Ray and the Prefect flow...") as status:
+        handler = _StatusHandler(status, start)
+        progress = logging.getLogger("tripletforge.progress")
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
+        try:
+            run_dir, doc = run_pipeline(cfg, output)
+        finally:
+            progress.removeHandler(handler)
     console.print(f"flow finished in {time.perf_counter() - start:.1f} s")
     print_summary(run_dir, doc)
     if with_report:

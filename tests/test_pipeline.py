@@ -147,3 +147,18 @@ def test_report_has_plots_and_the_stage_table(first_run):
     pngs = sorted(p.name for p in (run_dir / "report").glob("*.png"))
     assert {"scores.png", "candidate_reasons.png", "rejects.png"} <= set(pngs)
     assert all((run_dir / "report" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_cli_run_shows_progress_and_the_summary(first_run, tmp_path):
+    import yaml
+
+    cfg, run_dir, _ = first_run
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["run", "--config", str(config), "--report"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for line in ("ingest: 1/1 shards", "models not needed", "mine:", "assemble and export"):
+        assert line in out
+    assert cfg.run_id in out and "manifest.json" in out and "report.html" in out
+    assert "generate" in out and "tokens/s" in out
