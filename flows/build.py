@@ -141,10 +141,7 @@ def dedup_task(ingested: list[ShardInfo], cfg: PipelineConfig, run_dir: str) -> 
         if shards is not None:
             return {"passages": shards, "clusters": done, "skipped": True, "seconds": 0.0}
     passages = read_tables([s.path for s in ingested], PASSAGES)
-    if cfg.dedup.exact:
-        result = dedup.exact_dedup(passages)
-    else:
-        result = dedup.DedupResult(passages, CLUSTERS.empty_table(), 0)
+    result = dedup.deduplicate(passages, cfg.dedup)
     kept = result.passages.sort_by("passage_id")
     parts = slice_table(kept, cfg.output.shard_size)
     shards = [
@@ -155,6 +152,7 @@ def dedup_task(ingested: list[ShardInfo], cfg: PipelineConfig, run_dir: str) -> 
         "deduplicated": result.deduplicated,
         "shards": len(shards),
         "clusters": len(set(result.clusters.column("cluster_id").to_pylist())),
+        "cluster_kinds": dict(collections.Counter(result.clusters.column("kind").to_pylist())),
     }
     clusters = write_parquet_atomic(result.clusters, clusters_path, fp, CLUSTERS, stats)
     seconds = time.perf_counter() - start
@@ -230,6 +228,7 @@ def mine_task(
     queries: ShardInfo,
     query_emb: ShardInfo,
     passage_embs: list[ShardInfo],
+    passages: list[ShardInfo],
     clusters: ShardInfo,
     index: int,
     cfg: PipelineConfig,
@@ -241,8 +240,10 @@ def mine_task(
         queries.sha256,
         query_emb.sha256,
         [s.sha256 for s in passage_embs],
+        [s.sha256 for s in passages],
         clusters.sha256,
         cfg.mining.model_dump(mode="json"),
+        cfg.dedup.shingle_size,
     )
     out = Path(run_dir) / "candidates" / _part(index)
     rej = Path(run_dir) / "rejects" / f"mine-{index:05d}.parquet"
@@ -254,8 +255,20 @@ def mine_task(
     q_ids, q_vecs = embed.table_to_matrix(pq.read_table(query_emb.path))
     if q_ids != qtable.column("query_id").to_pylist():
         raise RuntimeError(f"query embeddings {query_emb.path} do not match {queries.path}")
+    cluster_table = pq.read_table(clusters.path)
+    clustered = pc.is_in(
+        pc.field("passage_id"), value_set=cluster_table.column("passage_id").combine_chunks()
+    )
+    texts = read_tables([s.path for s in passages], PASSAGES).filter(clustered)
     result = mine.mine_negatives(
-        qtable, q_vecs, corpus_ids, corpus, pq.read_table(clusters.path), cfg.mining
+        qtable,
+        q_vecs,
+        corpus_ids,
+        corpus,
+        cluster_table,
+        cfg.mining,
+        dict(zip(texts["passage_id"].to_pylist(), texts["text"].to_pylist(), strict=True)),
+        cfg.dedup.shingle_size,
     )
     reasons = _reason_counts(result.candidates.filter(pc.invert(result.candidates["kept"])))
     stats = {
@@ -434,7 +447,9 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     mined = _results(
         [
-            mine_task.submit(g["queries"], qe, passage_embs, clusters, i, cfg, run_dir)
+            mine_task.submit(
+                g["queries"], qe, passage_embs, passage_shards, clusters, i, cfg, run_dir
+            )
             for i, (g, qe) in enumerate(zip(generated, query_embs, strict=True))
         ],
         timeout,

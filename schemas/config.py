@@ -44,10 +44,31 @@ class InputConfig(_Section):
 
 
 class DedupConfig(_Section):
+    """Exact duplicates are removed (one member kept); near duplicates are clustered and kept.
+
+    Near duplicates: MinHash over word shingles of the folded text, LSH for candidate pairs, and
+    every candidate pair verified by its exact shingle Jaccard (so LSH false positives never
+    make a cluster). Clusters are connected components over exact and near edges.
+    """
+
     exact: bool = Field(
         default=True,
         description="Collapse passages whose case-, punctuation- and space-folded text is equal.",
     )
+    near: bool = True
+    shingle_size: int = Field(default=3, ge=1, description="Words per shingle.")
+    num_perm: int = Field(default=128, ge=16)
+    num_bands: int = Field(default=32, ge=1, description="LSH bands; num_perm must divide evenly.")
+    near_threshold: float = Field(
+        default=0.7, gt=0, le=1, description="Verified Jaccard that makes two passages siblings."
+    )
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _bands(self) -> DedupConfig:
+        if self.num_perm % self.num_bands:
+            raise ValueError(f"num_bands ({self.num_bands}) must divide num_perm ({self.num_perm})")
+        return self
 
 
 class LLMConfig(_Section):
@@ -116,7 +137,8 @@ class EmbeddingConfig(_Section):
 class MiningConfig(_Section):
     """Hard-negative mining and the false-negative filters, applied in this order:
 
-    1. the positive itself and members of its duplicate cluster are excluded;
+    1. the positive itself, and members of its duplicate cluster whose shingle Jaccard with it is
+       >= duplicate_similarity (exact and near-identical copies), are excluded;
     2. remaining candidates are ranked by score (0 = most similar); only ranks in
        [min_rank, max_rank) are considered;
     3. score filters: `score < max_positive_ratio * positive_score` (NV-Retriever's
@@ -134,6 +156,13 @@ class MiningConfig(_Section):
     margin: float | None = None
     max_score: float | None = None
     exclude_duplicate_clusters: bool = True
+    duplicate_similarity: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="A candidate in the positive's duplicate cluster with shingle Jaccard to the "
+        "positive >= this is a copy (excluded); looser siblings stay as hard negatives.",
+    )
 
     @model_validator(mode="after")
     def _ranks(self) -> MiningConfig:

@@ -70,9 +70,10 @@ CANDIDATES = pa.schema(
         pa.field("passage_id", pa.string(), nullable=False),
         pa.field("score", pa.float32(), nullable=False),
         pa.field("positive_score", pa.float32(), nullable=False),
-        pa.field(
-            "rank", pa.int32()
-        ),  # among eligible candidates; null when excluded before ranking
+        # rank among eligible candidates; null when excluded before ranking
+        pa.field("rank", pa.int32()),
+        # shingle Jaccard to the positive when in its duplicate cluster, else null
+        pa.field("cluster_similarity", pa.float32()),
         pa.field("origin", pa.string(), nullable=False),  # mined | generated | given
         pa.field("grade", pa.int8()),  # 0 = irrelevant .. 3 = fully relevant; null = ungraded
         pa.field("kept", pa.bool_(), nullable=False),
@@ -87,6 +88,7 @@ NEGATIVE = pa.struct(
         pa.field("grade", pa.int8()),
         pa.field("score", pa.float32()),
         pa.field("origin", pa.string()),
+        pa.field("cluster_similarity", pa.float32()),  # null: not a sibling of the positive
     ]
 )
 

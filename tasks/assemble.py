@@ -46,6 +46,7 @@ def assemble_triplets(
                 "grade",
                 "score",
                 "origin",
+                "cluster_similarity",
             ).alias("negatives"),
             pl.col("positive_score").first(),
         )

@@ -1,26 +1,40 @@
-"""Deduplication: collapse passages that are the same text, and keep the clusters.
+"""Deduplication: remove exact copies, cluster near duplicates, and keep every cluster.
 
-Exact duplicates are passages whose *folded* text (case-folded, punctuation and whitespace removed)
-is equal. One member per cluster (the first by source and row) stays in the corpus; the others are
-counted as deduplicated. The clusters table keeps every member, so downstream stages know that a
-copy of a positive is never a valid negative for it.
+- **Exact** duplicates are passages whose *folded* text (NFKC, lower-cased, punctuation and
+  whitespace collapsed) is equal. The first member by (source, row) stays in the corpus; the
+  others are counted as deduplicated.
+- **Near** duplicates: MinHash signatures of word shingles (rensa, a Rust MinHash), LSH banding
+  for candidate pairs, and each candidate pair *verified* by its exact shingle Jaccard, so an LSH
+  false positive never joins a cluster. Near duplicates stay in the corpus: a near-identical copy
+  of a positive must not become its negative (mining checks its Jaccard to the positive), but a
+  looser sibling — the same text with one decisive sentence changed — is often the best hard
+  negative.
+
+Clusters are the connected components over exact and near edges; the canonical member is the
+first by (source, row), and each member records its kind and Jaccard similarity to it.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 
 import polars as pl
 import pyarrow as pa
+from rensa import RMinHash, RMinHashLSH
 
+from schemas.config import DedupConfig
 from schemas.tables import CLUSTERS, PASSAGES
+
+_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 
 @dataclass
 class DedupResult:
-    passages: pa.Table  # canonical members only
+    passages: pa.Table  # what stays in the corpus
     clusters: pa.Table  # every member of every cluster of size > 1
-    deduplicated: int
+    deduplicated: int  # exact copies removed
 
 
 def folded_text(col: str = "text") -> pl.Expr:
@@ -34,37 +48,129 @@ def folded_text(col: str = "text") -> pl.Expr:
     )
 
 
-def exact_dedup(passages: pa.Table) -> DedupResult:
-    """Keep the first member (by source, row) of each exact-duplicate group."""
-    if passages.num_rows == 0:
+def fold(text: str) -> str:
+    """The same folding as `folded_text`, for one string."""
+    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+
+
+def shingle_set(text: str, size: int) -> frozenset[str]:
+    """Word n-grams of the folded text; a text shorter than n words is one shingle."""
+    words = fold(text).split()
+    if len(words) <= size:
+        return frozenset([" ".join(words)]) if words else frozenset()
+    return frozenset(" ".join(words[i : i + size]) for i in range(len(words) - size + 1))
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+def near_duplicate_pairs(
+    shingles: list[frozenset[str]], cfg: DedupConfig
+) -> list[tuple[int, int, float]]:
+    """(i, j, jaccard) with i < j for every pair whose verified Jaccard >= cfg.near_threshold."""
+    rows = [i for i, s in enumerate(shingles) if s]
+    if len(rows) < 2:
+        return []
+    minhashes = RMinHash.from_token_sets([list(shingles[i]) for i in rows], cfg.num_perm, cfg.seed)
+    lsh = RMinHashLSH(cfg.near_threshold, cfg.num_perm, cfg.num_bands)
+    lsh.insert_many(minhashes)
+    pairs = []
+    for a, candidates in enumerate(lsh.query_all(minhashes)):
+        for b in candidates:
+            if b <= a:
+                continue
+            i, j = rows[a], rows[b]
+            sim = jaccard(shingles[i], shingles[j])
+            if sim >= cfg.near_threshold:
+                pairs.append((i, j, sim))
+    return pairs
+
+
+def _components(n: int, edges: list[tuple[int, int]]) -> list[int]:
+    """Union-find: the smallest index of each node's connected component."""
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return [find(x) for x in range(n)]
+
+
+def deduplicate(passages: pa.Table, cfg: DedupConfig) -> DedupResult:
+    """Exact copies removed, exact and near clusters recorded (see module docstring)."""
+    if passages.num_rows == 0 or not (cfg.exact or cfg.near):
         return DedupResult(passages, CLUSTERS.empty_table(), 0)
     df = (
         pl.from_arrow(passages)
-        .with_columns(folded_text().alias("_key"))
         .sort("source", "row")
-        .with_columns(
-            pl.col("passage_id").first().over("_key").alias("cluster_id"),
-            pl.len().over("_key").alias("_size"),
+        .with_columns(folded_text().alias("_key"))
+        .with_row_index("_i")
+    )
+    n = df.height
+    # Exact edges: every member to the first member of its folded-text group.
+    edges: list[tuple[int, int]] = []
+    if cfg.exact:
+        first = df.group_by("_key", maintain_order=True).agg(pl.col("_i").first().alias("_f"))
+        pairs = df.join(first, on="_key").filter(pl.col("_i") != pl.col("_f"))
+        edges += list(zip(pairs["_f"].to_list(), pairs["_i"].to_list(), strict=True))
+    # Without exact dedup, passages with the same id (same normalized text) still collapse:
+    # the id is the passage's identity.
+    group = "_key" if cfg.exact else "passage_id"
+    exact_first = df.group_by(group, maintain_order=True).agg(pl.col("_i").first())["_i"].to_list()
+    # Near edges among one representative per exact group.
+    texts = df["text"].to_list()
+    shingles: dict[int, frozenset[str]] = {}
+    if cfg.near:
+        reps = exact_first
+        rep_shingles = [shingle_set(texts[i], cfg.shingle_size) for i in reps]
+        shingles = dict(zip(reps, rep_shingles, strict=True))
+        edges += [(reps[a], reps[b]) for a, b, _ in near_duplicate_pairs(rep_shingles, cfg)]
+    root = _components(n, edges)
+    keys = df["_key"].to_list()
+    kept_rows = sorted(set(exact_first))
+    kept = df[kept_rows].select(PASSAGES.names).to_arrow().cast(PASSAGES)
+
+    sizes: dict[int, int] = {}
+    for r in root:
+        sizes[r] = sizes.get(r, 0) + 1
+    ids, sources, rows = df["passage_id"].to_list(), df["source"].to_list(), df["row"].to_list()
+    # The canonical member is "exact" when another member is an exact copy of it, else "near".
+    has_copy = {r for i, r in enumerate(root) if i != r and keys[i] == keys[r]}
+    members = []
+    for i, r in enumerate(root):
+        if sizes[r] < 2:
+            continue
+        exact = keys[i] == keys[r] and (i != r or r in has_copy)
+        if keys[i] == keys[r]:
+            sim = 1.0
+        else:
+            mine = shingles.get(i) or shingle_set(texts[i], cfg.shingle_size)
+            sim = jaccard(mine, shingles.get(r) or shingle_set(texts[r], cfg.shingle_size))
+        members.append(
+            {
+                "passage_id": ids[i],
+                "cluster_id": ids[r],
+                "kind": "exact" if exact else "near",
+                "similarity": sim,
+                "is_canonical": i == r,
+                "source": sources[i],
+                "row": rows[i],
+            }
         )
-    )
-    canonical = df.filter(pl.col("passage_id") == pl.col("cluster_id")).unique(
-        "cluster_id", keep="first", maintain_order=True
-    )
-    # Identical normalized texts share a passage_id: only the first row is canonical.
-    canonical_rows = canonical.select("source", "row").with_columns(pl.lit(True).alias("_canon"))
-    members = (
-        df.filter(pl.col("_size") > 1)
-        .join(canonical_rows, on=["source", "row"], how="left")
-        .select(
-            "passage_id",
-            "cluster_id",
-            pl.lit("exact").alias("kind"),
-            pl.lit(1.0, dtype=pl.Float32).alias("similarity"),
-            pl.col("_canon").fill_null(False).alias("is_canonical"),
-            "source",
-            "row",
-        )
-    )
-    kept = canonical.select(PASSAGES.names).to_arrow().cast(PASSAGES)
-    clusters = members.to_arrow().cast(CLUSTERS)
-    return DedupResult(kept, clusters, passages.num_rows - kept.num_rows)
+    clusters = pa.Table.from_pylist(members, schema=CLUSTERS)
+    return DedupResult(kept, clusters, n - kept.num_rows)
+
+
+def exact_dedup(passages: pa.Table) -> DedupResult:
+    """Exact duplicates only (no near-duplicate clustering)."""
+    return deduplicate(passages, DedupConfig(near=False))

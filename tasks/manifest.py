@@ -92,6 +92,7 @@ def build_manifest(
         skipped_shards=int(deduped["skipped"]),
         extra={
             "clusters": deduped["clusters"].stats.get("clusters", 0),
+            "cluster_kinds": deduped["clusters"].stats.get("cluster_kinds", {}),
             "cluster_members": deduped["clusters"].rows,
         },
     )

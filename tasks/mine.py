@@ -6,7 +6,8 @@ product over L2-normalized embeddings, in blocks so memory stays bounded by bloc
 not, the first rule that removed it. Every rule is its own small function so each can be tested
 and documented alone; the order is the one in `schemas.config.MiningConfig`:
 
-    is_positive, duplicate_of_positive  ->  rank among the rest  ->  outside_rank_range
+    is_positive, duplicate_of_positive (a sibling too similar to the positive)
+    ->  rank among the rest  ->  outside_rank_range
     -> above_positive_ratio, within_margin, above_max_score  ->  beyond_num_negatives
 """
 
@@ -20,6 +21,7 @@ import pyarrow as pa
 
 from schemas.config import MiningConfig
 from schemas.tables import CANDIDATES, REJECTS
+from tasks.dedup import jaccard, shingle_set
 
 STAGE = "mine"
 
@@ -99,9 +101,12 @@ def rule_is_positive() -> pl.Expr:
     return pl.col("passage_id") == pl.col("positive_id")
 
 
-def rule_duplicate_of_positive() -> pl.Expr:
-    """Same duplicate cluster as the positive (needs `cluster` and `positive_cluster` columns)."""
-    return pl.col("cluster") == pl.col("positive_cluster")
+def rule_duplicate_of_positive(min_similarity: float) -> pl.Expr:
+    """A copy of the positive: in its duplicate cluster with shingle Jaccard >= min_similarity.
+    Looser siblings in the same cluster are not copies and stay eligible."""
+    return (pl.col("cluster") == pl.col("positive_cluster")) & (
+        pl.col("cluster_similarity") >= min_similarity
+    )
 
 
 def rule_outside_rank_range(min_rank: int, max_rank: int) -> pl.Expr:
@@ -153,17 +158,51 @@ def with_clusters(cands: pl.DataFrame, clusters: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def label_candidates(
-    cands: pl.DataFrame, clusters: pl.DataFrame, cfg: MiningConfig
+def with_sibling_similarity(
+    cands: pl.DataFrame, texts: dict[str, str], shingle_size: int
 ) -> pl.DataFrame:
-    """Add rank, kept and reason to every candidate (see module docstring for the order)."""
-    df = with_clusters(cands, clusters).sort(["query_id", "score"], descending=[False, True])
+    """Add `cluster_similarity`: shingle Jaccard between a candidate and the positive when both
+    are in one duplicate cluster (computed only for those few pairs), else null."""
+    pairs = (
+        cands.filter(
+            (pl.col("cluster") == pl.col("positive_cluster"))
+            & (pl.col("passage_id") != pl.col("positive_id"))
+        )
+        .select("passage_id", "positive_id")
+        .unique()
+    )
+    missing = {p for pair in pairs.iter_rows() for p in pair if p not in texts}
+    if missing:
+        raise ValueError(f"no text for clustered passages {sorted(missing)[:3]}")
+    sims = [
+        jaccard(shingle_set(texts[a], shingle_size), shingle_set(texts[b], shingle_size))
+        for a, b in pairs.iter_rows()
+    ]
+    pairs = pairs.with_columns(pl.Series("cluster_similarity", sims, dtype=pl.Float32))
+    return cands.join(pairs, on=["passage_id", "positive_id"], how="left")
+
+
+def label_candidates(
+    cands: pl.DataFrame,
+    clusters: pl.DataFrame,
+    cfg: MiningConfig,
+    texts: dict[str, str] | None = None,
+    shingle_size: int = 3,
+) -> pl.DataFrame:
+    """Add rank, kept and reason to every candidate (see module docstring for the order).
+
+    `texts` must hold the text of every clustered passage (to measure siblings against the
+    positive)."""
+    df = with_sibling_similarity(with_clusters(cands, clusters), texts or {}, shingle_size)
+    df = df.sort(["query_id", "score"], descending=[False, True])
     exclusion = _first_reason(
         [
             ("is_positive", rule_is_positive()),
             (
                 "duplicate_of_positive",
-                rule_duplicate_of_positive() if cfg.exclude_duplicate_clusters else None,
+                rule_duplicate_of_positive(cfg.duplicate_similarity)
+                if cfg.exclude_duplicate_clusters
+                else None,
             ),
         ]
     )
@@ -202,8 +241,12 @@ def mine_negatives(
     corpus_vectors: np.ndarray,
     clusters: pa.Table,
     cfg: MiningConfig,
+    texts: dict[str, str] | None = None,
+    shingle_size: int = 3,
 ) -> MiningResult:
-    """The whole stage for one shard of queries (query_id, passage_id = positive)."""
+    """The whole stage for one shard of queries (query_id, passage_id = positive).
+
+    `texts`: text of every clustered passage in the corpus (see `label_candidates`)."""
     qids = queries.column("query_id").to_pylist()
     pids = queries.column("passage_id").to_pylist()
     cluster_df = pl.from_arrow(clusters.select(["passage_id", "cluster_id"]))
@@ -213,7 +256,7 @@ def mine_negatives(
     # Room for the positive and its whole duplicate cluster on top of the rank window.
     k = cfg.max_rank + largest_cluster + 1
     cands = retrieve_candidates(qids, pids, query_vectors, corpus_ids, corpus_vectors, k)
-    labelled = label_candidates(cands, cluster_df, cfg)
+    labelled = label_candidates(cands, cluster_df, cfg, texts, shingle_size)
     kept_per_query = labelled.group_by("query_id").agg(pl.col("kept").sum().alias("n"))
     short = (
         pl.DataFrame({"query_id": qids}, schema={"query_id": pl.String})
@@ -236,6 +279,7 @@ def mine_negatives(
         "score",
         "positive_score",
         "rank",
+        "cluster_similarity",
         pl.lit("mined").alias("origin"),
         pl.lit(None, dtype=pl.Int8).alias("grade"),
         "kept",

@@ -1,5 +1,8 @@
+import pytest
+
+from schemas.config import DedupConfig
 from schemas.tables import CLUSTERS, PASSAGES
-from tasks.dedup import exact_dedup
+from tasks.dedup import deduplicate, exact_dedup, jaccard, shingle_set
 from tests.helpers import passages
 
 
@@ -30,3 +33,49 @@ def test_no_duplicates_and_empty_input():
     assert result.deduplicated == 0 and result.clusters.num_rows == 0
     empty = exact_dedup(PASSAGES.empty_table())
     assert empty.passages.num_rows == 0 and empty.deduplicated == 0
+
+
+WORDS = [f"word{i}" for i in range(60)]
+
+
+def variant(changes: dict[int, str]) -> str:
+    return " ".join(changes.get(i, w) for i, w in enumerate(WORDS))
+
+
+def test_near_duplicates_are_clustered_verified_and_kept():
+    base = " ".join(WORDS)
+    near = variant({59: "end"})  # Jaccard 57/59
+    sibling = variant({10: "x", 30: "y"})  # Jaccard 52/64 = 0.81
+    far = variant({i: f"z{i}" for i in range(0, 60, 4)})  # every 4th word: far below 0.7
+    table = passages([base, "unrelated text about sockets and ports", near, sibling, far])
+    result = deduplicate(table, DedupConfig(near_threshold=0.7))
+    assert result.deduplicated == 0 and result.passages.num_rows == 5  # near copies stay
+    rows = {c["row"]: c for c in result.clusters.to_pylist()}
+    assert set(rows) == {0, 2, 3}
+    assert rows[0]["is_canonical"] and rows[0]["similarity"] == 1.0
+    assert {rows[2]["kind"], rows[3]["kind"]} == {"near"}
+    assert rows[2]["similarity"] == pytest.approx(57 / 59, abs=1e-6)
+    assert rows[3]["similarity"] == pytest.approx(52 / 64, abs=1e-6)
+    assert len({c["cluster_id"] for c in rows.values()}) == 1
+
+
+def test_exact_and_near_members_share_one_cluster():
+    base = " ".join(WORDS)
+    table = passages([base, base.upper() + "!", variant({59: "end"})])
+    result = deduplicate(table, DedupConfig())
+    assert result.deduplicated == 1
+    kinds = sorted((c["row"], c["kind"]) for c in result.clusters.to_pylist())
+    assert kinds == [(0, "exact"), (1, "exact"), (2, "near")]
+    assert len(set(result.clusters.column("cluster_id").to_pylist())) == 1
+
+
+def test_shingles_and_jaccard():
+    assert shingle_set("A b, C d!", 3) == frozenset({"a b c", "b c d"})
+    assert shingle_set("two words", 3) == frozenset({"two words"})
+    assert shingle_set("...", 3) == frozenset()
+    assert jaccard(frozenset({"a", "b"}), frozenset({"b", "c"})) == pytest.approx(1 / 3)
+
+
+def test_bad_band_count_is_a_config_error():
+    with pytest.raises(ValueError, match="num_bands"):
+        DedupConfig(num_perm=128, num_bands=30)

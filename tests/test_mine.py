@@ -47,7 +47,7 @@ def clusters_table(rows: list[tuple[str, str]]) -> pa.Table:
     )
 
 
-def mine(scores, cfg, clusters=None, positive="pos"):
+def mine(scores, cfg, clusters=None, positive="pos", texts=None):
     ids = ["pos"] + [f"n{i}" for i in range(len(scores) - 1)]
     queries = pa.table({"query_id": ["q"], "passage_id": [positive]})
     result = mine_negatives(
@@ -57,6 +57,7 @@ def mine(scores, cfg, clusters=None, positive="pos"):
         corpus_with_scores(scores),
         clusters if clusters is not None else CLUSTERS.empty_table(),
         cfg,
+        texts,
     )
     assert result.candidates.schema.equals(CANDIDATES)
     df = pl.from_arrow(result.candidates)
@@ -110,16 +111,38 @@ def test_rank_range_counts_after_excluding_positive_and_duplicates():
     assert kept_ids(df) == ["n1", "n2"]
 
 
-def test_duplicate_cluster_of_positive_is_never_a_negative():
-    clusters = clusters_table([("pos", "pos"), ("n1", "pos")])
-    cfg = MiningConfig(num_negatives=5, max_positive_ratio=None)
-    df, _ = mine([0.9, 0.8, 0.85, 0.5], cfg, clusters)
+WORDS = [f"w{i}" for i in range(40)]
+POSITIVE = " ".join(WORDS)
+COPY = " ".join(WORDS[:-1] + ["changed"])  # one word at the end: Jaccard 37/39 = 0.95
+SIBLING = " ".join(
+    w if i not in (8, 20, 32) else "other" for i, w in enumerate(WORDS)
+)  # three words in the middle: Jaccard 29/47 = 0.62
+TEXTS = {"pos": POSITIVE, "n1": COPY, "n2": SIBLING}
+
+
+def test_copy_of_positive_is_excluded_but_a_looser_sibling_is_kept():
+    clusters = clusters_table([("pos", "pos"), ("n1", "pos"), ("n2", "pos")])
+    cfg = MiningConfig(num_negatives=5, max_positive_ratio=None, duplicate_similarity=0.9)
+    df, _ = mine([0.9, 0.8, 0.85, 0.7, 0.5], cfg, clusters, texts=TEXTS)
+    sims = dict(zip(df["passage_id"], df["cluster_similarity"], strict=True))
+    assert sims["n1"] == pytest.approx(37 / 39) and sims["n2"] == pytest.approx(29 / 47)
+    assert sims["n0"] is None and sims["n3"] is None  # not siblings of the positive
     assert reason_of(df, "n1") == "duplicate_of_positive"
-    assert kept_ids(df) == ["n0", "n2"]
-    # With the exclusion switched off the copy comes back.
+    assert kept_ids(df) == ["n0", "n2", "n3"]
+    # the boundary is inclusive: similarity == duplicate_similarity is a copy
+    cfg = MiningConfig(num_negatives=5, max_positive_ratio=None, duplicate_similarity=29 / 47)
+    df, _ = mine([0.9, 0.8, 0.85, 0.7, 0.5], cfg, clusters, texts=TEXTS)
+    assert reason_of(df, "n2") == "duplicate_of_positive"
+    # with the exclusion switched off the copy comes back
     cfg = MiningConfig(num_negatives=5, max_positive_ratio=None, exclude_duplicate_clusters=False)
-    df, _ = mine([0.9, 0.8, 0.85, 0.5], cfg, clusters)
-    assert kept_ids(df) == ["n1", "n0", "n2"]
+    df, _ = mine([0.9, 0.8, 0.85, 0.7, 0.5], cfg, clusters, texts=TEXTS)
+    assert kept_ids(df) == ["n1", "n0", "n2", "n3"]
+
+
+def test_clustered_passages_need_their_texts():
+    clusters = clusters_table([("pos", "pos"), ("n1", "pos")])
+    with pytest.raises(ValueError, match="no text for clustered passages"):
+        mine([0.9, 0.8, 0.5], MiningConfig(), clusters)
 
 
 def test_num_negatives_keeps_the_hardest_and_too_few_is_rejected():

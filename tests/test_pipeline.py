@@ -12,7 +12,7 @@ from flows.build import run_pipeline
 from flows.cli import app
 from schemas.config import MiningConfig
 from schemas.tables import CANDIDATES, PASSAGES, QUERIES, REJECTS, TRIPLETS
-from tasks.dedup import folded_text
+from tasks.dedup import folded_text, jaccard, shingle_set
 from tasks.manifest import read_manifest
 from tests.conftest import tiny_config
 from tests.helpers import sample_rows, write_jsonl
@@ -24,13 +24,21 @@ pytestmark = pytest.mark.slow
 def corpus(tmp_path_factory):
     rows = sample_rows(20)
     planted = dict(rows[0], text=rows[0]["text"].upper() + "!!")  # exact duplicate (folded)
+    words = rows[1]["text"].split()
+    copy = dict(rows[1], text=" ".join(words[:-1] + ["(copy)"]))  # near-identical
+    words = rows[3]["text"].split()
+    sibling = dict(  # a looser sibling (Jaccard 0.8): a few words changed
+        rows[3], text=" ".join("CHANGED" if i % 25 == 12 else w for i, w in enumerate(words))
+    )
     bad = [{"text": None}, {"text": "short"}, {"title": "no text"}, {"text": 7}]
-    return write_jsonl(tmp_path_factory.mktemp("corpus") / "c.jsonl", rows + [planted] + bad)
+    return write_jsonl(
+        tmp_path_factory.mktemp("corpus") / "c.jsonl", rows + [planted, copy, sibling] + bad
+    )
 
 
 @pytest.fixture(scope="module")
 def first_run(corpus, tmp_path_factory, model_workers, prefect_api):
-    cfg = tiny_config(tmp_path_factory.mktemp("run"), corpus, generation={"max_passages": 12})
+    cfg = tiny_config(tmp_path_factory.mktemp("run"), corpus)
     run_dir, doc = run_pipeline(cfg)
     return cfg, run_dir, doc
 
@@ -40,12 +48,14 @@ def test_counts_balance_and_are_recorded(first_run):
     manifest = read_manifest(run_dir / "manifest.json")
     assert manifest.unbalanced_stages() == []
     st = manifest.stages
-    assert st["ingest"].rows_in == 25
-    assert st["ingest"].rejected == 4 and st["ingest"].rows_out == 21
-    assert st["dedup"].deduplicated == 1 and st["dedup"].rows_out == 20
-    assert st["generate"].rows_in == 12
-    assert st["generate"].rows_out + st["generate"].rejected == 12
-    assert st["generate"].rows_out >= 6, manifest.reject_reasons  # the small model is usable
+    assert st["ingest"].rows_in == 27
+    assert st["ingest"].rejected == 4 and st["ingest"].rows_out == 23
+    assert st["dedup"].deduplicated == 1 and st["dedup"].rows_out == 22
+    kinds = st["dedup"].extra["cluster_kinds"]
+    assert kinds["exact"] == 2 and kinds["near"] >= 4  # planted pairs (+ real json.load/loads)
+    assert st["generate"].rows_in == 22
+    assert st["generate"].rows_out + st["generate"].rejected == 22
+    assert st["generate"].rows_out >= 12, manifest.reject_reasons  # the small model is usable
     assert st["generate"].extra["output_tokens"] > 0
     assert st["mine"].rows_in == st["generate"].rows_out
     assert manifest.reject_reasons["ingest"] == {
@@ -83,6 +93,15 @@ def test_negatives_are_never_the_positive_or_a_copy_of_it(first_run):
     assert (negs["id"] != negs["positive_id"]).all()
     folded = negs.select(folded_text("text").alias("neg"), folded_text("positive").alias("pos"))
     assert (folded["neg"] != folded["pos"]).all()
+    # a near-identical copy of the positive (Jaccard >= 0.9) is never its negative
+    pairs = negs.select("text", "positive").iter_rows()
+    sims = [jaccard(shingle_set(a, 3), shingle_set(b, 3)) for a, b in pairs]
+    assert max(sims) < MiningConfig().duplicate_similarity
+    candidates = pl.read_parquet(run_dir / "candidates" / "*.parquet")
+    copies = candidates.filter(pl.col("cluster_similarity") >= 0.9)
+    assert copies.height >= 1 and (copies["reason"] == "duplicate_of_positive").all()
+    siblings = candidates.filter(pl.col("cluster_similarity") < 0.9)
+    assert siblings.height >= 1 and (siblings["reason"] != "duplicate_of_positive").all()
     # positive-aware filter: every kept negative scores below 95% of its positive
     assert (
         negs["score"]
