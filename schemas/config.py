@@ -143,7 +143,7 @@ class MiningConfig(_Section):
        [min_rank, max_rank) are considered;
     3. score filters: `score < max_positive_ratio * positive_score` (NV-Retriever's
        TopK-PercPos), `score <= positive_score - margin`, `score <= max_score`;
-    4. the first `num_negatives` survivors are kept.
+    4. `num_negatives` survivors are kept: the hardest (`top`) or a seeded random draw.
     """
 
     num_negatives: int = Field(default=4, ge=1)
@@ -155,6 +155,16 @@ class MiningConfig(_Section):
     max_positive_ratio: float | None = Field(default=0.95, gt=0)
     margin: float | None = None
     max_score: float | None = None
+    sampling_strategy: Literal["top", "random"] = Field(
+        default="top",
+        description="top: the hardest survivors; random: a seeded random draw among survivors.",
+    )
+    seed: int = 0
+    search: Literal["auto", "exact", "ann"] = Field(
+        default="auto", description="auto: exact below ann_min_corpus passages, faiss HNSW above."
+    )
+    ann_min_corpus: int = Field(default=50_000, ge=1)
+    ann_ef_search: int = Field(default=128, ge=16)
     exclude_duplicate_clusters: bool = True
     duplicate_similarity: float = Field(
         default=0.9,

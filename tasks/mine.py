@@ -13,6 +13,7 @@ and documented alone; the order is the one in `schemas.config.MiningConfig`:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,25 @@ def exact_topk(
     return idx, scores
 
 
+def ann_topk(
+    queries: np.ndarray, corpus: np.ndarray, k: int, ef_search: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-k by inner product with a faiss HNSW index: (indices, scores), best first."""
+    import faiss
+
+    k = min(k, corpus.shape[0])
+    index = faiss.IndexHNSWFlat(corpus.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 80
+    index.add(np.ascontiguousarray(corpus, dtype=np.float32))
+    index.hnsw.efSearch = max(ef_search, k)
+    scores, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return idx.astype(np.int64), scores.astype(np.float32)
+
+
+def use_ann(cfg: MiningConfig, corpus_size: int) -> bool:
+    return cfg.search == "ann" or (cfg.search == "auto" and corpus_size >= cfg.ann_min_corpus)
+
+
 def retrieve_candidates(
     query_ids: list[str],
     positive_ids: list[str],
@@ -61,6 +81,8 @@ def retrieve_candidates(
     corpus_ids: list[str],
     corpus_vectors: np.ndarray,
     k: int,
+    ann: bool = False,
+    ef_search: int = 128,
 ) -> pl.DataFrame:
     """Long table (query_id, positive_id, passage_id, score, positive_score), best first.
 
@@ -71,12 +93,17 @@ def retrieve_candidates(
     missing = [p for p in positive_ids if p not in row_of]
     if missing:
         raise ValueError(f"{len(missing)} positives are not in the corpus, e.g. {missing[0]}")
-    idx, scores = exact_topk(query_vectors, corpus_vectors, k)
+    if ann:
+        idx, scores = ann_topk(query_vectors, corpus_vectors, k, ef_search)
+    else:
+        idx, scores = exact_topk(query_vectors, corpus_vectors, k)
+    valid = idx >= 0  # HNSW pads with -1 when it finds fewer than k
+    idx = np.where(valid, idx, 0)
     pos_rows = np.array([row_of[p] for p in positive_ids], dtype=np.int64)
     pos_scores = np.einsum("ij,ij->i", query_vectors, corpus_vectors[pos_rows]).astype(np.float32)
     kk = idx.shape[1]
     corpus_arr = np.asarray(corpus_ids, dtype=object)
-    return pl.DataFrame(
+    frame = pl.DataFrame(
         {
             "query_id": np.repeat(np.asarray(query_ids, dtype=object), kk),
             "positive_id": np.repeat(np.asarray(positive_ids, dtype=object), kk),
@@ -92,6 +119,7 @@ def retrieve_candidates(
             "positive_score": pl.Float32,
         },
     )
+    return frame.filter(pl.Series(valid.reshape(-1)))
 
 
 # --- rules: each returns a boolean expression, True where the candidate is removed ---------------
@@ -224,14 +252,36 @@ def label_candidates(
         ]
     )
     df = df.with_columns(pl.coalesce("reason", score_rules).alias("reason"))
+    return select_negatives(df, cfg)
+
+
+def select_negatives(df: pl.DataFrame, cfg: MiningConfig) -> pl.DataFrame:
+    """Keep `num_negatives` of the candidates no rule removed: the hardest ones (`top`), or a
+    random draw seeded by (seed, query, passage) so it does not depend on sharding (`random`)."""
     survivor = pl.col("reason").is_null()
+    if cfg.sampling_strategy == "top":
+        order = pl.col("rank")
+    else:
+        order = pl.concat_str(
+            [pl.lit(str(cfg.seed)), pl.col("query_id"), pl.col("passage_id")], separator="|"
+        ).map_batches(_stable_hash, return_dtype=pl.UInt64)
+    position = pl.when(survivor).then(order).otherwise(None).rank("ordinal").over("query_id")
     df = df.with_columns(
-        pl.when(survivor & (survivor.cast(pl.Int32).cum_sum().over("query_id") > cfg.num_negatives))
+        pl.when(survivor & (position > cfg.num_negatives))
         .then(pl.lit("beyond_num_negatives"))
         .otherwise(pl.col("reason"))
         .alias("reason")
     )
+
     return df.with_columns(pl.col("reason").is_null().alias("kept"))
+
+
+def _stable_hash(keys: pl.Series) -> pl.Series:
+    """BLAKE2b of each key: stable across processes and versions (polars' hash is not)."""
+    return pl.Series(
+        [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") for k in keys],
+        dtype=pl.UInt64,
+    )
 
 
 def mine_negatives(
@@ -255,7 +305,16 @@ def mine_negatives(
     )
     # Room for the positive and its whole duplicate cluster on top of the rank window.
     k = cfg.max_rank + largest_cluster + 1
-    cands = retrieve_candidates(qids, pids, query_vectors, corpus_ids, corpus_vectors, k)
+    cands = retrieve_candidates(
+        qids,
+        pids,
+        query_vectors,
+        corpus_ids,
+        corpus_vectors,
+        k,
+        ann=use_ann(cfg, len(corpus_ids)),
+        ef_search=cfg.ann_ef_search,
+    )
     labelled = label_candidates(cands, cluster_df, cfg, texts, shingle_size)
     kept_per_query = labelled.group_by("query_id").agg(pl.col("kept").sum().alias("n"))
     short = (

@@ -213,3 +213,49 @@ def test_property_kept_negatives_respect_every_filter(scores, ratio, n):
     if passed_over.height:
         assert kept.height == n
         assert kept["score"].min() >= passed_over["score"].max()
+
+
+def test_random_sampling_draws_from_survivors_reproducibly():
+    scores = [0.95] + [0.9 - 0.02 * i for i in range(20)]
+    top, _ = mine(scores, MiningConfig(num_negatives=4, max_positive_ratio=None))
+    cfg = MiningConfig(num_negatives=4, max_positive_ratio=None, sampling_strategy="random", seed=1)
+    drawn, _ = mine(scores, cfg)
+    again, _ = mine(scores, cfg)
+    other, _ = mine(scores, cfg.model_copy(update={"seed": 2}))
+    assert len(kept_ids(drawn)) == 4 and kept_ids(drawn) == kept_ids(again)
+    assert kept_ids(drawn) != kept_ids(top) or kept_ids(other) != kept_ids(top)
+    assert kept_ids(drawn) != kept_ids(other)
+    # a random draw still respects every filter
+    cfg = MiningConfig(num_negatives=4, max_rank=6, sampling_strategy="random")
+    drawn, _ = mine(scores, cfg)
+    assert (drawn.filter(pl.col("kept"))["rank"] < 6).all()
+
+
+def test_ann_search_agrees_with_exact_search():
+    from tasks.mine import ann_topk
+
+    rng = np.random.default_rng(0)
+    corpus = rng.normal(size=(2000, 32)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = corpus[:50] + 0.1 * rng.normal(size=(50, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact_idx, exact_scores = exact_topk(queries, corpus, 10)
+    ann_idx, ann_scores = ann_topk(queries, corpus, 10, ef_search=256)
+    overlap = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ann_idx, exact_idx, strict=True)])
+    assert overlap >= 0.95
+    assert (ann_idx[:, 0] == exact_idx[:, 0]).all()
+    np.testing.assert_allclose(ann_scores[:, 0], exact_scores[:, 0], rtol=1e-5)
+
+
+def test_search_mode_switches_at_the_corpus_size_threshold():
+    from tasks.mine import use_ann
+
+    cfg = MiningConfig(ann_min_corpus=100)
+    assert not use_ann(cfg, 99) and use_ann(cfg, 100)
+    assert use_ann(MiningConfig(search="ann"), 5) and not use_ann(
+        MiningConfig(search="exact"), 10**9
+    )
+    # the whole stage through the ANN path gives the same negatives on a small input
+    exact, _ = mine([0.8, 0.7, 0.6, 0.5, 0.4], MiningConfig(num_negatives=3, search="exact"))
+    ann, _ = mine([0.8, 0.7, 0.6, 0.5, 0.4], MiningConfig(num_negatives=3, search="ann"))
+    assert kept_ids(exact) == kept_ids(ann)
