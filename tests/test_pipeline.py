@@ -181,3 +181,21 @@ def test_cli_run_shows_progress_and_the_summary(first_run, tmp_path):
         assert line in out
     assert cfg.run_id in out and "manifest.json" in out and "report.html" in out
     assert "generate" in out and "tokens/s" in out
+
+
+def test_hugging_face_datasets_reads_the_exports(first_run, tmp_path):
+    from datasets import load_dataset
+
+    _, run_dir, _ = first_run
+    st = load_dataset(
+        "parquet",
+        data_files={"train": str(run_dir / "exports" / "sentence_transformers" / "train.parquet")},
+        cache_dir=str(tmp_path),
+    )["train"]
+    assert st.column_names == ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
+    assert st.num_rows > 0
+    triplets = load_dataset(
+        "parquet", data_files=str(run_dir / "triplets" / "*.parquet"), cache_dir=str(tmp_path)
+    )["train"]
+    assert {"query", "positive", "negatives", "split"} <= set(triplets.column_names)
+    assert set(triplets[0]["negatives"][0]) >= {"id", "text", "score", "cluster_similarity"}
