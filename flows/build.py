@@ -337,10 +337,12 @@ def assemble_task(
             "rows": assemble.write_flagembedding(triplets, root / "exports" / "flagembedding")
         }
     splits = dict(collections.Counter(triplets.column("split").to_pylist()))
+    leakage = assemble.leakage_report(triplets, pq.read_table(clusters.path))
     return {
         "triplets": shards,
         "exports": exports,
         "splits": splits,
+        "leakage": leakage,
         "seconds": time.perf_counter() - start,
     }
 

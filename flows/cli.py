@@ -75,12 +75,16 @@ def print_summary(run_dir: Path, doc: dict) -> None:
     console.print(
         f"generation: {gen['output_tokens']} output tokens, {gen['tokens_per_second']} tokens/s"
     )
-    console.print(f"dedup clusters: {doc['stages']['dedup']['extra']['clusters']}")
+    dedup = doc["stages"]["dedup"]["extra"]
+    console.print(
+        f"dedup clusters: {dedup['clusters']} (members by kind: {dedup['cluster_kinds']})"
+    )
     console.print(
         f"mining: {mine['candidates']} candidates, {mine['negatives_kept']} kept as negatives; "
         f"filtered: {mine['filtered']}"
     )
-    console.print(f"splits: {asm['splits']}   rejects by reason: {doc['reject_reasons']}")
+    console.print(f"splits: {asm['splits']}   cross-split leakage: {asm['leakage']}")
+    console.print(f"rejects by reason: {doc['reject_reasons']}")
     console.print(f"total {doc['timings']['total']:.1f} s")
     console.print(f"\n[bold]output:[/bold] {run_dir.resolve()}")
     console.print(f"  manifest: {run_dir.resolve() / 'manifest.json'}")

@@ -109,3 +109,47 @@ def write_flagembedding(triplets: pa.Table, folder: Path) -> dict[str, int]:
         write_bytes_atomic(folder / f"{split}.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
         counts[split] = len(lines)
     return counts
+
+
+def leakage_report(
+    triplets: pa.Table, clusters: pa.Table, query_similarity: float = 0.9, shingle_size: int = 3
+) -> dict[str, int]:
+    """What of eval can be seen in train. Splits are made by the positive's duplicate cluster, so
+    the first count should be 0; the others are reported for the user to judge:
+
+    - positive_clusters_in_both: clusters with a positive in train and one in eval;
+    - eval_positives_as_train_negatives: train negatives in the duplicate cluster of an eval
+      positive (the model sees that text, as a negative, in training);
+    - near_identical_queries_across_splits: eval queries whose word-shingle Jaccard with some
+      train query is >= query_similarity (MinHash + LSH, verified).
+    """
+    from schemas.config import DedupConfig
+    from tasks.dedup import near_duplicate_pairs, shingle_set
+
+    cluster_of = pl.from_arrow(clusters.select(["passage_id", "cluster_id"])).unique("passage_id")
+    df = (
+        pl.from_arrow(triplets.select(["query", "positive_id", "negatives", "split"]))
+        .join(cluster_of, left_on="positive_id", right_on="passage_id", how="left")
+        .with_columns(pl.col("cluster_id").fill_null(pl.col("positive_id")))
+    )
+    splits_per_cluster = df.group_by("cluster_id").agg(pl.col("split").n_unique().alias("n"))
+    eval_clusters = df.filter(pl.col("split") == "eval")["cluster_id"].unique()
+    train_negs = (
+        df.filter(pl.col("split") == "train")
+        .select(pl.col("negatives").list.eval(pl.element().struct.field("id")).alias("id"))
+        .explode("id")
+        .join(cluster_of, left_on="id", right_on="passage_id", how="left")
+        .with_columns(pl.col("cluster_id").fill_null(pl.col("id")))
+    )
+    queries = df["query"].to_list()
+    split = df["split"].to_list()
+    cfg = DedupConfig(near_threshold=query_similarity, shingle_size=shingle_size)
+    pairs = near_duplicate_pairs([shingle_set(q, shingle_size) for q in queries], cfg)
+    crossing = {j if split[j] == "eval" else i for i, j, _ in pairs if split[i] != split[j]}
+    return {
+        "positive_clusters_in_both": int((splits_per_cluster["n"] > 1).sum()),
+        "eval_positives_as_train_negatives": int(
+            train_negs["cluster_id"].is_in(eval_clusters.implode()).sum()
+        ),
+        "near_identical_queries_across_splits": len(crossing),
+    }

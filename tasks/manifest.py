@@ -141,7 +141,11 @@ def build_manifest(
         rows_out=triplet_rows,
         rejected=stages["mine"].rows_out - triplet_rows,
         seconds=wall.get("assemble", 0.0),
-        extra={"splits": assembled["splits"], "exports": assembled["exports"]},
+        extra={
+            "splits": assembled["splits"],
+            "leakage": assembled["leakage"],
+            "exports": assembled["exports"],
+        },
     )
 
     shards = {

@@ -1,6 +1,7 @@
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from schemas.config import SplitConfig
@@ -108,3 +109,73 @@ def test_exports_for_sentence_transformers_and_flagembedding():
     assert set(first) >= {"query", "pos", "neg", "pos_scores", "neg_scores"}
     assert first["neg"] == ["negative passage a", "negative passage b"]
     assert len(first["neg_scores"]) == 2 and first["pos_scores"] == [first["pos_scores"][0]]
+
+
+def test_leakage_report_counts_what_eval_shares_with_train():
+    from tasks.assemble import leakage_report
+
+    def neg(pid):
+        return [
+            {
+                "id": pid,
+                "text": "t",
+                "grade": None,
+                "score": 0.1,
+                "origin": "mined",
+                "cluster_similarity": None,
+            }
+        ]
+
+    rows = [  # (query, positive_id, negatives, split)
+        ("how do i parse json files in python quickly", "p1", neg("p3"), "train"),
+        ("unrelated question about sockets and ports", "p2", neg("p9"), "eval"),
+        ("where is the eval positive used elsewhere", "p3", neg("p8"), "eval"),
+        ("how do i parse json files in python quickly?", "p4", neg("p7"), "eval"),
+    ]
+    triplets = pa.Table.from_pylist(
+        [
+            {
+                "query_id": f"q{i}",
+                "query": q,
+                "style": "question",
+                "positive_id": p,
+                "positive": "x",
+                "positive_score": 0.9,
+                "negatives": n,
+                "split": s,
+            }
+            for i, (q, p, n, s) in enumerate(rows)
+        ],
+        schema=TRIPLETS,
+    )
+    clusters = pa.Table.from_pylist(
+        [
+            {
+                "passage_id": "p1",
+                "cluster_id": "p1",
+                "kind": "near",
+                "similarity": 1.0,
+                "is_canonical": True,
+                "source": "f",
+                "row": 0,
+            },
+            {
+                "passage_id": "p2",
+                "cluster_id": "p1",
+                "kind": "near",
+                "similarity": 0.8,
+                "is_canonical": False,
+                "source": "f",
+                "row": 1,
+            },
+        ],
+        schema=CLUSTERS,
+    )
+    report = leakage_report(triplets, clusters)
+    assert report == {
+        "positive_clusters_in_both": 1,  # p1 (train) and p2 (eval) are siblings
+        "eval_positives_as_train_negatives": 1,  # p3
+        "near_identical_queries_across_splits": 1,  # q0 / q3
+    }
+    clean = triplets.filter(pc.equal(triplets["split"], "train"))
+    assert leakage_report(clean, clusters) == dict.fromkeys(report, 0)

@@ -51,6 +51,7 @@ def test_counts_balance_and_are_recorded(first_run):
     assert st["ingest"].rows_in == 27
     assert st["ingest"].rejected == 4 and st["ingest"].rows_out == 23
     assert st["dedup"].deduplicated == 1 and st["dedup"].rows_out == 22
+    assert st["assemble"].extra["leakage"]["positive_clusters_in_both"] == 0  # split by cluster
     kinds = st["dedup"].extra["cluster_kinds"]
     assert kinds["exact"] == 2 and kinds["near"] >= 4  # planted pairs (+ real json.load/loads)
     assert st["generate"].rows_in == 22
