@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -28,8 +29,9 @@ from prefect_ray import RayTaskRunner
 from flows import runtime
 from schemas.config import PipelineConfig
 from schemas.manifest import ShardInfo
-from schemas.tables import CANDIDATES, CLUSTERS, PASSAGES, QUERIES, REJECTS, TRIPLETS
+from schemas.tables import CANDIDATES, CLUSTERS, PAIRS, PASSAGES, QUERIES, REJECTS, TRIPLETS
 from tasks import assemble, dedup, embed, generate, ingest, manifest, mine
+from tasks import pairs as pair_queries
 from tasks.io import (
     existing_shard,
     fingerprint,
@@ -84,6 +86,22 @@ def _embed_output(
     return fp, Path(run_dir) / "embeddings" / f"{kind}-{index:05d}.parquet"
 
 
+def _embeddings_pending(
+    passage_shards: list[ShardInfo],
+    query_shards: list[ShardInfo],
+    cfg: PipelineConfig,
+    run_dir: str,
+) -> bool:
+    """True when some passage or query embedding shard is not on disk yet."""
+    wanted = [("passages", s, i) for i, s in enumerate(passage_shards)]
+    wanted += [("queries", s, i) for i, s in enumerate(query_shards)]
+    for kind, shard, i in wanted:
+        fp, out = _embed_output(shard, kind, i, cfg, run_dir)
+        if existing_shard(out, fp) is None:
+            return True
+    return False
+
+
 def _model_work_pending(
     passage_shards: list[ShardInfo],
     limits: list[int],
@@ -108,22 +126,82 @@ def _model_work_pending(
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
-def ingest_task(path: str, index: int, cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
+def ingest_task(
+    path: str, index: int, cfg: PipelineConfig, run_dir: str, as_corpus: bool = False
+) -> dict[str, Any]:
+    """One input file. In pairs mode a pairs file also writes pairs/part-N; `as_corpus` reads a
+    file of `input.corpus_paths` as plain passages."""
     start = time.perf_counter()
-    fp = fingerprint("ingest", sha256_file(path), cfg.input.model_dump(mode="json"))
+    input_cfg = cfg.input.model_copy(update={"mode": "passages"}) if as_corpus else cfg.input
+    fp = fingerprint("ingest", sha256_file(path), input_cfg.model_dump(mode="json"))
     out = Path(run_dir) / "ingest" / _part(index)
     rej = Path(run_dir) / "rejects" / f"ingest-{index:05d}.parquet"
-    reused = _reuse((rej, fp), (out, fp))
+    pairs_out = Path(run_dir) / "pairs" / _part(index)
+    with_pairs = input_cfg.mode == "pairs"
+    reused = _reuse((rej, fp), (out, fp), *([(pairs_out, fp)] if with_pairs else []))
     if reused:
-        return {"passages": reused[1], "rejects": reused[0], "skipped": True, "seconds": 0.0}
-    result = ingest.ingest_file(path, cfg.input)
+        return {
+            "passages": reused[1],
+            "rejects": reused[0],
+            "skipped": True,
+            "seconds": 0.0,
+            "pairs": reused[2] if with_pairs else None,
+        }
+    result = ingest.ingest_file(path, input_cfg)
     reasons = _reason_counts(result.rejects)
     rej_info = write_parquet_atomic(result.rejects, rej, fp, REJECTS, {"reasons": reasons})
+    pairs_info = (
+        write_parquet_atomic(result.pairs, pairs_out, fp, PAIRS)
+        if result.pairs is not None
+        else None
+    )
     out_info = write_parquet_atomic(
         result.passages, out, fp, PASSAGES, {"rows_in": result.rows_in, "file": path}
     )
     seconds = time.perf_counter() - start
-    return {"passages": out_info, "rejects": rej_info, "skipped": False, "seconds": seconds}
+    return {
+        "passages": out_info,
+        "rejects": rej_info,
+        "pairs": pairs_info,
+        "skipped": False,
+        "seconds": seconds,
+    }
+
+
+@task(name="pairs", cache_policy=NO_CACHE)
+def pairs_task(
+    ingested: list[dict[str, Any]], passages: list[ShardInfo], cfg: PipelineConfig, run_dir: str
+) -> list[dict[str, Any]]:
+    """pairs mode: the queries table (one row per distinct query and positive), in shards."""
+    pair_files = [r for r in ingested if r.get("pairs") is not None]
+    fp = fingerprint(
+        "pairs",
+        [r["pairs"].sha256 for r in pair_files] + [r["passages"].sha256 for r in pair_files],
+        [s.sha256 for s in passages],
+        cfg.output.shard_size,
+    )
+    first = existing_shard(Path(run_dir) / "queries" / _part(0), fp)
+    if first is not None:
+        shards = _reuse(
+            *[(Path(run_dir) / "queries" / _part(i), fp) for i in range(first.stats["shards"])]
+        )
+        if shards is not None:
+            return [{"queries": s, "skipped": True} for s in shards]
+    queries, duplicates = pair_queries.queries_from_pairs(
+        read_tables([r["pairs"].path for r in pair_files], PAIRS),
+        read_tables([r["passages"].path for r in pair_files], PASSAGES),
+        read_tables([s.path for s in passages], PASSAGES),
+    )
+    parts = slice_table(queries.sort_by("query_id"), cfg.output.shard_size)
+    n_pairs = sum(r["pairs"].rows for r in pair_files)
+    out = []
+    for i, part in enumerate(parts):
+        stats = {"shards": len(parts), "source": "pairs"}
+        if i == 0:  # the stage's totals travel with the first shard
+            stats.update(requests=n_pairs, deduplicated=duplicates)
+        info = write_parquet_atomic(part, Path(run_dir) / "queries" / _part(i), fp, QUERIES, stats)
+        out.append({"queries": info, "skipped": False})
+    return out
 
 
 @task(name="dedup", cache_policy=NO_CACHE)
@@ -226,6 +304,7 @@ def embed_task(
 @task(name="mine", cache_policy=NO_CACHE)
 def mine_task(
     queries: ShardInfo,
+    all_queries: list[ShardInfo],
     query_emb: ShardInfo,
     passage_embs: list[ShardInfo],
     passages: list[ShardInfo],
@@ -238,6 +317,7 @@ def mine_task(
     fp = fingerprint(
         "mine",
         queries.sha256,
+        [s.sha256 for s in all_queries],
         query_emb.sha256,
         [s.sha256 for s in passage_embs],
         [s.sha256 for s in passages],
@@ -260,6 +340,7 @@ def mine_task(
         pc.field("passage_id"), value_set=cluster_table.column("passage_id").combine_chunks()
     )
     texts = read_tables([s.path for s in passages], PASSAGES).filter(clustered)
+    known = pair_queries.other_positives(read_tables([s.path for s in all_queries], QUERIES))
     result = mine.mine_negatives(
         qtable,
         q_vecs,
@@ -269,6 +350,7 @@ def mine_task(
         cfg.mining,
         dict(zip(texts["passage_id"].to_pylist(), texts["text"].to_pylist(), strict=True)),
         cfg.dedup.shingle_size,
+        known.filter(pl.col("query_id").is_in(qtable["query_id"].to_pylist())),
     )
     reasons = _reason_counts(result.candidates.filter(pc.invert(result.candidates["kept"])))
     stats = {
@@ -368,13 +450,23 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     wall: dict[str, float] = {}
     timeout = cfg.runtime.task_timeout_s
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    pairs_mode = cfg.input.mode == "pairs"
     files = [str(p) for p in ingest.expand_paths(cfg.input.paths)]
-    logger.info("run %s: %d input file(s) -> %s", cfg.run_id, len(files), run_dir)
+    corpus_files = [str(p) for p in ingest.expand_paths(cfg.input.corpus_paths)]
+    logger.info(
+        "run %s: %d input file(s), %d corpus file(s) -> %s",
+        cfg.run_id,
+        len(files),
+        len(corpus_files),
+        run_dir,
+    )
 
     t0 = time.perf_counter()
-    ingested = _results(
-        [ingest_task.submit(f, i, cfg, run_dir) for i, f in enumerate(files)], timeout, "ingest"
-    )
+    ingest_futs = [ingest_task.submit(f, i, cfg, run_dir) for i, f in enumerate(files)] + [
+        ingest_task.submit(f, len(files) + i, cfg, run_dir, as_corpus=True)
+        for i, f in enumerate(corpus_files)
+    ]
+    ingested = _results(ingest_futs, timeout, "ingest")
     wall["ingest"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     progress.info("dedup")
@@ -392,33 +484,39 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         limits.append(take)
         budget = None if budget is None else budget - take
 
-    workers = []
+    workers: list[runtime.WorkerHandle] = []
+    llm: runtime.WorkerHandle | None = None
     try:
         t0 = time.perf_counter()
-        llm_path = str(resolve_llm_path(cfg.llm.model_path))
-        need_llm, need_embedder = _model_work_pending(
-            passage_shards, limits, llm_path, cfg, run_dir
-        )
-        progress.info("loading models" if need_llm or need_embedder else "models not needed")
-        llm = runtime.llm_worker(cfg, start=need_llm)
-        workers.append(llm)
+        if pairs_mode:  # the user's queries: no LLM
+            progress.info("queries from pairs")
+            generated = pairs_task.submit(ingested, passage_shards, cfg, run_dir).result(
+                timeout=timeout
+            )
+            wall["generate"] = time.perf_counter() - t0
+            need_embedder = _embeddings_pending(
+                passage_shards, [g["queries"] for g in generated], cfg, run_dir
+            )
+        else:
+            llm_path = str(resolve_llm_path(cfg.llm.model_path))
+            need_llm, need_embedder = _model_work_pending(
+                passage_shards, limits, llm_path, cfg, run_dir
+            )
+            progress.info("loading the LLM" if need_llm else "LLM not needed")
+            llm = runtime.llm_worker(cfg, start=need_llm)
+            workers.append(llm)
         embedder = runtime.embed_worker(cfg, start=need_embedder)
         workers.append(embedder)
-        wall["load_models"] = time.perf_counter() - t0
+        wall["load_models"] = time.perf_counter() - t0 - wall.get("generate", 0.0)
         logger.info(
-            "models: llm=%s (%s, %s), embedder=%s (%s)",
-            llm.model_name,
-            llm.device,
-            "loaded" if llm.actor else "not needed: every shard is on disk",
+            "models: llm=%s, embedder=%s (%s)",
+            "not used (pairs mode)"
+            if llm is None
+            else f"{llm.model_name} ({llm.device}, "
+            f"{'loaded' if llm.actor else 'not needed: every shard is on disk'})",
             embedder.model_name,
             "loaded" if embedder.actor else "not needed",
         )
-
-        t0 = time.perf_counter()
-        gen_futs = [
-            generate_task.submit(s, i, limits[i], llm.name, llm.model_path, cfg, run_dir)
-            for i, s in enumerate(passage_shards)
-        ]
 
         def embed_passages() -> list[Any]:
             return [
@@ -426,21 +524,30 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
                 for i, s in enumerate(passage_shards)
             ]
 
-        # On a CPU engine, embedding beside generation slows vLLM's spin-waiting OpenMP threads
-        # far more than it gains (measured 33 vs 330 tokens/s on 2 cores): run them in turn.
-        overlap = llm.device != "cpu"
-        emb_p_futs = embed_passages() if overlap else []
-        generated = _results(gen_futs, timeout, "generate")
-        wall["generate"] = time.perf_counter() - t0
-        if not overlap:
+        if llm is not None:
+            t0 = time.perf_counter()
+            gen_futs = [
+                generate_task.submit(s, i, limits[i], llm.name, llm.model_path, cfg, run_dir)
+                for i, s in enumerate(passage_shards)
+            ]
+            # On a CPU engine, embedding beside generation slows vLLM's spin-waiting OpenMP
+            # threads far more than it gains (measured 33 vs 330 tokens/s on 2 cores).
+            overlap = llm.device != "cpu"
+            emb_p_futs = embed_passages() if overlap else []
+            generated = _results(gen_futs, timeout, "generate")
+            wall["generate"] = time.perf_counter() - t0
+            if not overlap:
+                emb_p_futs = embed_passages()
+        else:
             emb_p_futs = embed_passages()
+        t0 = time.perf_counter()
         emb_q_futs = [
             embed_task.submit(g["queries"], "queries", i, embedder.name, cfg, run_dir)
             for i, g in enumerate(generated)
         ]
         passage_embs = [r["embeddings"] for r in _results(emb_p_futs, timeout, "embed passages")]
         query_embs = [r["embeddings"] for r in _results(emb_q_futs, timeout, "embed queries")]
-        wall["embed"] = time.perf_counter() - t0 - wall["generate"]
+        wall["embed"] = time.perf_counter() - t0
     finally:
         for w in workers:
             if w.created:
@@ -450,7 +557,15 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     mined = _results(
         [
             mine_task.submit(
-                g["queries"], qe, passage_embs, passage_shards, clusters, i, cfg, run_dir
+                g["queries"],
+                [x["queries"] for x in generated],
+                qe,
+                passage_embs,
+                passage_shards,
+                clusters,
+                i,
+                cfg,
+                run_dir,
             )
             for i, (g, qe) in enumerate(zip(generated, query_embs, strict=True))
         ],
@@ -480,7 +595,9 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         mined=mined,
         assembled=assembled,
         models={
-            "llm": {"name": llm.model_name, "path": llm.model_path, "device": llm.device},
+            "llm": None
+            if llm is None
+            else {"name": llm.model_name, "path": llm.model_path, "device": llm.device},
             "embedding": {
                 "name": embedder.model_name,
                 "path": embedder.model_path,

@@ -72,9 +72,12 @@ def print_summary(run_dir: Path, doc: dict) -> None:
     gen = doc["stages"]["generate"]["extra"]
     mine = doc["stages"]["mine"]["extra"]
     asm = doc["stages"]["assemble"]["extra"]
-    console.print(
-        f"generation: {gen['output_tokens']} output tokens, {gen['tokens_per_second']} tokens/s"
-    )
+    if gen.get("source") == "pairs":
+        console.print(f"queries: from the given pairs ({doc['stages']['generate']['rows_out']})")
+    else:
+        console.print(
+            f"generation: {gen['output_tokens']} output tokens, {gen['tokens_per_second']} tokens/s"
+        )
     dedup = doc["stages"]["dedup"]["extra"]
     console.print(
         f"dedup clusters: {dedup['clusters']} (members by kind: {dedup['cluster_kinds']})"

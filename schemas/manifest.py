@@ -38,7 +38,7 @@ class Manifest(BaseModel):
     created_at: str
     tripletforge_version: str
     versions: dict[str, str | None]
-    models: dict[str, dict[str, Any]]
+    models: dict[str, dict[str, Any] | None]  # llm is None in pairs mode
     stages: dict[str, StageCounts]
     shards: dict[str, list[ShardInfo]]
     reject_reasons: dict[str, dict[str, int]]

@@ -16,6 +16,16 @@ PASSAGES = pa.schema(
     ]
 )
 
+# pairs mode: one row per valid (query, positive) input row; the positive is also a passage
+PAIRS = pa.schema(
+    [
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("passage_id", pa.string(), nullable=False),  # the positive's passage_id
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),
+    ]
+)
+
 REJECTS = pa.schema(
     [
         pa.field("stage", pa.string(), nullable=False),

@@ -5,7 +5,8 @@ A problem with the *file or the config* (missing file, missing text column) is a
 a problem with a *row* is a reject.
 
 Reject reasons: unreadable_file, invalid_utf8, invalid_json, not_an_object, null_text,
-text_not_string, empty_text, too_short, too_long.
+text_not_string, empty_text, too_short, too_long; in pairs mode also null_query,
+query_not_string, empty_query and positive_<reason> for a bad positive.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from schemas.config import InputConfig
-from schemas.tables import PASSAGES, REJECTS
+from schemas.tables import PAIRS, PASSAGES, REJECTS
 
 STAGE = "ingest"
 _WS = re.compile(r"\s+")
@@ -35,9 +36,10 @@ class IngestError(ValueError):
 
 @dataclass
 class IngestResult:
-    passages: pa.Table
+    passages: pa.Table  # pairs mode: the positives
     rejects: pa.Table
     rows_in: int
+    pairs: pa.Table | None = None  # pairs mode only
 
 
 def normalize_text(text: str) -> str:
@@ -74,7 +76,8 @@ def _preview(value: Any, n: int) -> str | None:
 
 
 def _wanted_columns(cfg: InputConfig) -> list[str]:
-    cols = [cfg.text_column, cfg.title_column, cfg.id_column, *cfg.metadata_columns]
+    texts = [cfg.query_column, cfg.positive_column] if cfg.mode == "pairs" else [cfg.text_column]
+    cols = [*texts, cfg.title_column, cfg.id_column, *cfg.metadata_columns]
     return [c for c in dict.fromkeys(cols) if c]
 
 
@@ -83,7 +86,8 @@ def _check_columns(path: Path, present: list[str], cfg: InputConfig) -> None:
     if missing:
         raise IngestError(
             f"{path}: column(s) {missing} not found; the file has {sorted(present)}. "
-            f"Set input.text_column (and title/id/metadata columns) to match."
+            "Set input.text_column (pairs mode: query_column, positive_column) and the "
+            "title/id/metadata columns to match."
         )
 
 
@@ -186,9 +190,8 @@ def _reject(
     }
 
 
-def _classify(record: dict[str, Any], cfg: InputConfig) -> tuple[str | None, str | None, str]:
-    """(reason, detail, normalized text) for one record; reason None means accepted."""
-    value = record.get(cfg.text_column)
+def _classify(value: Any, cfg: InputConfig) -> tuple[str | None, str | None, str]:
+    """(reason, detail, normalized text) for one passage text; reason None means accepted."""
     if value is None:
         return "null_text", None, ""
     if not isinstance(value, str):
@@ -216,26 +219,73 @@ def records_to_passages(
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     for rec in records:
-        reason, detail, text = _classify(rec, cfg)
+        reason, detail, text = _classify(rec.get(cfg.text_column), cfg)
         if reason is not None:
             rejects.append(
                 _reject(source, rec["__row"], reason, detail, rec.get(cfg.text_column), cfg)
             )
             continue
-        title = rec.get(cfg.title_column) if cfg.title_column else None
-        meta = {c: rec.get(c) for c in cfg.metadata_columns}
-        rows.append(
+        rows.append(_passage_row(rec, text, source, cfg))
+    return pa.Table.from_pylist(rows, schema=PASSAGES), rejects
+
+
+def _passage_row(rec: dict[str, Any], text: str, source: str, cfg: InputConfig) -> dict[str, Any]:
+    title = rec.get(cfg.title_column) if cfg.title_column else None
+    meta = {c: rec.get(c) for c in cfg.metadata_columns}
+    return {
+        "passage_id": passage_id(text),
+        "text": text,
+        "title": normalize_text(title) if isinstance(title, str) else _optional_str(title),
+        "source": source,
+        "row": rec["__row"],
+        "source_id": _optional_str(rec.get(cfg.id_column)) if cfg.id_column else None,
+        "metadata": json.dumps(meta, default=str, ensure_ascii=False) if meta else None,
+    }
+
+
+def _classify_query(value: Any) -> tuple[str | None, str | None, str]:
+    if value is None:
+        return "null_query", None, ""
+    if not isinstance(value, str):
+        return "query_not_string", type(value).__name__, ""
+    query = normalize_text(value)
+    return (None, None, query) if query else ("empty_query", None, "")
+
+
+def records_to_pairs(
+    records: list[dict[str, Any]], source: str, cfg: InputConfig
+) -> tuple[pa.Table, pa.Table, list[dict[str, Any]]]:
+    """pairs mode: (pairs, positives as passages, reject rows). A row whose query or positive is
+    bad is rejected whole, with the reason of the first bad field (positive reasons are
+    prefixed `positive_`)."""
+    pairs: list[dict[str, Any]] = []
+    passages: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    for rec in records:
+        reason, detail, query = _classify_query(rec.get(cfg.query_column))
+        raw = rec.get(cfg.query_column)
+        if reason is None:
+            reason, detail, text = _classify(rec.get(cfg.positive_column), cfg)
+            reason = f"positive_{reason}" if reason else None
+            raw = rec.get(cfg.positive_column)
+        if reason is not None:
+            rejects.append(_reject(source, rec["__row"], reason, detail, raw, cfg))
+            continue
+        passage = _passage_row(rec, text, source, cfg)
+        passages.append(passage)
+        pairs.append(
             {
-                "passage_id": passage_id(text),
-                "text": text,
-                "title": normalize_text(title) if isinstance(title, str) else _optional_str(title),
+                "query": query,
+                "passage_id": passage["passage_id"],
                 "source": source,
                 "row": rec["__row"],
-                "source_id": _optional_str(rec.get(cfg.id_column)) if cfg.id_column else None,
-                "metadata": json.dumps(meta, default=str, ensure_ascii=False) if meta else None,
             }
         )
-    return pa.Table.from_pylist(rows, schema=PASSAGES), rejects
+    return (
+        pa.Table.from_pylist(pairs, schema=PAIRS),
+        pa.Table.from_pylist(passages, schema=PASSAGES),
+        rejects,
+    )
 
 
 def ingest_file(path: str | Path, cfg: InputConfig) -> IngestResult:
@@ -252,10 +302,16 @@ def ingest_file(path: str | Path, cfg: InputConfig) -> IngestResult:
         # The file itself cannot be parsed (truncated Parquet, malformed CSV): one reject row
         # stands for the whole file, so the loss is visible and counted.
         reject = _reject(path, None, "unreadable_file", f"{fmt}: {e}", None, cfg)
-        return IngestResult(PASSAGES.empty_table(), pa.Table.from_pylist([reject], REJECTS), 1)
-    passages, row_rejects = records_to_passages(records, str(path), cfg)
+        pairs = PAIRS.empty_table() if cfg.mode == "pairs" else None
+        rejects_table = pa.Table.from_pylist([reject], REJECTS)
+        return IngestResult(PASSAGES.empty_table(), rejects_table, 1, pairs)
+    pairs = None
+    if cfg.mode == "pairs":
+        pairs, passages, row_rejects = records_to_pairs(records, str(path), cfg)
+    else:
+        passages, row_rejects = records_to_passages(records, str(path), cfg)
     all_rejects = pa.Table.from_pylist(rejects + row_rejects, schema=REJECTS)
-    return IngestResult(passages, all_rejects, passages.num_rows + all_rejects.num_rows)
+    return IngestResult(passages, all_rejects, passages.num_rows + all_rejects.num_rows, pairs)
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:

@@ -63,7 +63,7 @@ def build_manifest(
     embedded: dict[str, list[ShardInfo]],
     mined: list[dict[str, Any]],
     assembled: dict[str, Any],
-    models: dict[str, dict[str, Any]],
+    models: dict[str, dict[str, Any] | None],
     wall: dict[str, float],
     total_seconds: float,
 ) -> Manifest:
@@ -100,13 +100,16 @@ def build_manifest(
     requests = sum(g["queries"].stats.get("requests", 0) for g in generated)
     tokens = sum(g["queries"].stats.get("output_tokens", 0) for g in generated)
     gen_seconds = sum(g["queries"].stats.get("generate_seconds", 0.0) for g in generated)
+    gen_rejects = [g["rejects"] for g in generated if g.get("rejects") is not None]
     stages["generate"] = StageCounts(
         rows_in=requests,
         rows_out=sum(g["queries"].rows for g in generated),
-        rejected=sum(g["rejects"].rows for g in generated),
+        rejected=sum(r.rows for r in gen_rejects),
+        deduplicated=sum(g["queries"].stats.get("deduplicated", 0) for g in generated),
         seconds=wall.get("generate", 0.0),
         skipped_shards=sum(g["skipped"] for g in generated),
         extra={
+            "source": "pairs" if cfg.input.mode == "pairs" else "llm",
             "output_tokens": tokens,
             "engine_seconds": round(gen_seconds, 3),
             "tokens_per_second": round(tokens / gen_seconds, 1) if gen_seconds else None,
@@ -156,11 +159,12 @@ def build_manifest(
         "embeddings": [s for v in embedded.values() for s in v],
         "candidates": [m["candidates"] for m in mined],
         "triplets": assembled["triplets"],
-        "rejects": [r["rejects"] for r in ingested + generated + mined],
+        "pairs": [r["pairs"] for r in ingested if r.get("pairs") is not None],
+        "rejects": [r["rejects"] for r in ingested + generated + mined if r.get("rejects")],
     }
     reject_reasons = {
         "ingest": _merge_counts([r["rejects"].stats.get("reasons", {}) for r in ingested]),
-        "generate": _merge_counts([g["rejects"].stats.get("reasons", {}) for g in generated]),
+        "generate": _merge_counts([r.stats.get("reasons", {}) for r in gen_rejects]),
         "mine": _merge_counts([m["rejects"].stats.get("reasons", {}) for m in mined]),
     }
     return Manifest(

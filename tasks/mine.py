@@ -6,7 +6,8 @@ product over L2-normalized embeddings, in blocks so memory stays bounded by bloc
 not, the first rule that removed it. Every rule is its own small function so each can be tested
 and documented alone; the order is the one in `schemas.config.MiningConfig`:
 
-    is_positive, duplicate_of_positive (a sibling too similar to the positive)
+    is_positive, other_positive (another known positive of the same query),
+    duplicate_of_positive (a sibling too similar to the positive)
     ->  rank among the rest  ->  outside_rank_range
     -> above_positive_ratio, within_margin, above_max_score  ->  beyond_num_negatives
 """
@@ -216,16 +217,28 @@ def label_candidates(
     cfg: MiningConfig,
     texts: dict[str, str] | None = None,
     shingle_size: int = 3,
+    known_positives: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Add rank, kept and reason to every candidate (see module docstring for the order).
 
     `texts` must hold the text of every clustered passage (to measure siblings against the
     positive)."""
     df = with_sibling_similarity(with_clusters(cands, clusters), texts or {}, shingle_size)
+    known = (
+        known_positives
+        if known_positives is not None
+        else pl.DataFrame(schema={"query_id": pl.String, "passage_id": pl.String})
+    )
+    df = df.join(
+        known.with_columns(pl.lit(True).alias("other_positive")),
+        on=["query_id", "passage_id"],
+        how="left",
+    ).with_columns(pl.col("other_positive").fill_null(False))
     df = df.sort(["query_id", "score"], descending=[False, True])
     exclusion = _first_reason(
         [
             ("is_positive", rule_is_positive()),
+            ("other_positive", pl.col("other_positive")),
             (
                 "duplicate_of_positive",
                 rule_duplicate_of_positive(cfg.duplicate_similarity)
@@ -293,18 +306,26 @@ def mine_negatives(
     cfg: MiningConfig,
     texts: dict[str, str] | None = None,
     shingle_size: int = 3,
+    known_positives: pl.DataFrame | None = None,
 ) -> MiningResult:
     """The whole stage for one shard of queries (query_id, passage_id = positive).
 
-    `texts`: text of every clustered passage in the corpus (see `label_candidates`)."""
+    `texts`: text of every clustered passage in the corpus (see `label_candidates`);
+    `known_positives`: (query_id, passage_id) of each query's other known positives."""
     qids = queries.column("query_id").to_pylist()
     pids = queries.column("passage_id").to_pylist()
     cluster_df = pl.from_arrow(clusters.select(["passage_id", "cluster_id"]))
     largest_cluster = (
         int(cluster_df.group_by("cluster_id").len()["len"].max() or 1) if clusters.num_rows else 1
     )
-    # Room for the positive and its whole duplicate cluster on top of the rank window.
-    k = cfg.max_rank + largest_cluster + 1
+    most_known = (
+        int(known_positives.group_by("query_id").len()["len"].max() or 0)
+        if known_positives is not None and known_positives.height
+        else 0
+    )
+    # Room for the positive, its whole duplicate cluster and its other known positives on top
+    # of the rank window.
+    k = cfg.max_rank + largest_cluster + most_known + 1
     cands = retrieve_candidates(
         qids,
         pids,
@@ -315,7 +336,7 @@ def mine_negatives(
         ann=use_ann(cfg, len(corpus_ids)),
         ef_search=cfg.ann_ef_search,
     )
-    labelled = label_candidates(cands, cluster_df, cfg, texts, shingle_size)
+    labelled = label_candidates(cands, cluster_df, cfg, texts, shingle_size, known_positives)
     kept_per_query = labelled.group_by("query_id").agg(pl.col("kept").sum().alias("n"))
     short = (
         pl.DataFrame({"query_id": qids}, schema={"query_id": pl.String})

@@ -80,7 +80,7 @@ def convert_gguf_to_hf(gguf: Path, dest: Path, dtype: str = "bfloat16") -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, torch_dtype=torch_dtype
+            gguf.parent, gguf_file=gguf.name, dtype=torch_dtype
         )
         # transformers refuses to serialize a model it marks "quantized with GGUF", although
         # loading already dequantized it; drop both marks (config and the quantizer object).

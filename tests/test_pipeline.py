@@ -178,7 +178,7 @@ def test_cli_run_shows_progress_and_the_summary(first_run, tmp_path):
     result = CliRunner().invoke(app, ["run", "--config", str(config), "--report"])
     assert result.exit_code == 0, result.output
     out = result.output
-    for line in ("ingest: 1/1 shards", "models not needed", "mine:", "assemble and export"):
+    for line in ("ingest: 1/1 shards", "LLM not needed", "mine:", "assemble and export"):
         assert line in out
     assert cfg.run_id in out and "manifest.json" in out and "report.html" in out
     assert "generate" in out and "tokens/s" in out
@@ -200,3 +200,46 @@ def test_hugging_face_datasets_reads_the_exports(first_run, tmp_path):
     )["train"]
     assert {"query", "positive", "negatives", "split"} <= set(triplets.column_names)
     assert set(triplets[0]["negatives"][0]) >= {"id", "text", "score", "cluster_similarity"}
+
+
+def test_pairs_mode_runs_every_stage_but_generation(tmp_path, model_workers, prefect_api):
+    rows = sample_rows(40)
+    pairs = [
+        {"query": "how do I write an object as JSON to a file", "positive": rows[1]["text"]},
+        {"query": "how do I write an object as JSON to a file", "positive": rows[3]["text"]},
+        {"query": "how do I read JSON from a file", "positive": rows[2]["text"]},
+        {"query": "parse a CSV file", "positive": rows[4]["text"]},
+        {"query": None, "positive": rows[5]["text"]},  # rejected
+    ]
+    corpus = [{"text": r["text"]} for r in rows[6:40]] + [{"text": rows[4]["text"].upper()}]
+    cfg = tiny_config(
+        tmp_path,
+        write_jsonl(tmp_path / "pairs.jsonl", pairs),
+        input={
+            "mode": "pairs",
+            "title_column": None,
+            "corpus_paths": [str(write_jsonl(tmp_path / "corpus.jsonl", corpus))],
+        },
+        mining={"num_negatives": 3, "max_rank": 20},
+    )
+    run_dir, doc = run_pipeline(cfg)
+    manifest = read_manifest(run_dir / "manifest.json")
+    assert manifest.unbalanced_stages() == []
+    assert manifest.models["llm"] is None
+    st = manifest.stages
+    assert st["ingest"].rows_in == 5 + 35 and st["ingest"].rejected == 1
+    assert st["dedup"].deduplicated == 1  # the upper-cased copy of a positive
+    assert st["generate"].extra["source"] == "pairs"
+    assert st["generate"].rows_in == 4 and st["generate"].rows_out == 4
+    assert st["mine"].rows_out >= 3
+    candidates = pl.read_parquet(run_dir / "candidates" / "*.parquet")
+    queries = pl.read_parquet(run_dir / "queries" / "*.parquet")
+    both = queries.filter(pl.col("query").str.contains("write an object"))
+    assert both.height == 2
+    # each of the two positives of one query is never the other's negative
+    for q, other in zip(both["query_id"], reversed(both["passage_id"].to_list()), strict=True):
+        row = candidates.filter((pl.col("query_id") == q) & (pl.col("passage_id") == other))
+        assert row.height == 0 or row["reason"].to_list() == ["other_positive"]
+    assert (candidates.filter(pl.col("reason") == "other_positive").height) >= 1
+    triplets = pl.read_parquet(run_dir / "triplets" / "*.parquet")
+    assert set(triplets["style"]) == {"given"}

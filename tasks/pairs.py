@@ -1,0 +1,83 @@
+"""pairs mode: turn ingested (query, positive) rows into the queries table the miner reads."""
+
+from __future__ import annotations
+
+import hashlib
+
+import polars as pl
+import pyarrow as pa
+
+from schemas.tables import QUERIES
+from tasks.dedup import folded_text
+
+GIVEN = "given"  # style / model / backend / prompt_version of a query the user supplied
+
+
+def given_query_id(query: str, passage_id: str) -> str:
+    return hashlib.blake2b(f"{query}|{passage_id}".encode(), digest_size=16).hexdigest()
+
+
+def queries_from_pairs(
+    pairs: pa.Table, positives: pa.Table, kept: pa.Table
+) -> tuple[pa.Table, int]:
+    """One query row per distinct (query, positive); returns (queries, duplicates collapsed).
+
+    A positive that dedup removed as an exact copy is replaced by the copy that was kept (same
+    folded text), so every query points at a passage of the corpus.
+    """
+    kept_ids = pl.from_arrow(kept.select(["passage_id", "text"]))
+    canonical = (
+        pl.from_arrow(positives.select(["passage_id", "text"]))
+        .unique("passage_id")
+        .with_columns(folded_text().alias("key"))
+        .join(
+            kept_ids.select(
+                pl.col("passage_id").alias("kept_id"), folded_text().alias("key")
+            ).unique("key", keep="first"),
+            on="key",
+            how="left",
+        )
+        .select("passage_id", "kept_id")
+    )
+    df = (
+        pl.from_arrow(pairs.select(["query", "passage_id"]))
+        .join(canonical, on="passage_id", how="left")
+        .with_columns(
+            pl.when(pl.col("passage_id").is_in(kept_ids["passage_id"].implode()))
+            .then(pl.col("passage_id"))
+            .otherwise(pl.col("kept_id"))
+            .alias("passage_id")
+        )
+    )
+    if df["passage_id"].null_count():
+        raise ValueError("a positive is neither in the corpus nor an exact copy of a passage in it")
+    ids = [given_query_id(q, p) for q, p in df.select("query", "passage_id").iter_rows()]
+    queries = (
+        df.with_columns(pl.Series("query_id", ids, dtype=pl.String))
+        .unique("query_id", keep="first", maintain_order=True)
+        .select(
+            "query_id",
+            "passage_id",
+            "query",
+            pl.lit(GIVEN).alias("style"),
+            pl.lit(GIVEN).alias("model"),
+            pl.lit(GIVEN).alias("backend"),
+            pl.lit(GIVEN).alias("prompt_version"),
+            pl.lit("{}").alias("sampling"),
+            pl.lit(0, dtype=pl.Int64).alias("seed"),
+            pl.lit(0, dtype=pl.Int32).alias("output_tokens"),
+        )
+    )
+    return queries.to_arrow().cast(QUERIES), df.height - queries.height
+
+
+def other_positives(queries: pa.Table) -> pl.DataFrame:
+    """(query_id, passage_id) for every *other* positive of a query: passages that are the
+    positive of another row with the same query text. They must never be its negatives."""
+    df = pl.from_arrow(queries.select(["query_id", "query", "passage_id"]))
+    return (
+        df.join(df.select("query", pl.col("passage_id").alias("other")), on="query")
+        .filter(pl.col("other") != pl.col("passage_id"))
+        .select("query_id", pl.col("other").alias("passage_id"))
+        .unique()
+    )
