@@ -175,7 +175,9 @@ class MiningConfig(_Section):
     search: Literal["auto", "exact", "ann"] = Field(
         default="auto", description="auto: exact below ann_min_corpus passages, faiss HNSW above."
     )
-    ann_min_corpus: int = Field(default=50_000, ge=1)
+    # Exact faiss k-NN took 0.9 s for 2,000 queries over 100k passages on 2 cores, while building
+    # an HNSW index took 25 s: ANN pays off only for far larger corpora.
+    ann_min_corpus: int = Field(default=1_000_000, ge=1)
     ann_ef_search: int = Field(default=128, ge=16)
     exclude_duplicate_clusters: bool = True
     duplicate_similarity: float = Field(

@@ -172,7 +172,7 @@ def test_positive_missing_from_corpus_is_an_error():
     st.integers(1, 40),
 )
 def test_exact_topk_matches_brute_force(queries, corpus, k):
-    idx, scores = exact_topk(queries, corpus, k, block=4)
+    idx, scores = exact_topk(queries, corpus, k)
     sims = queries @ corpus.T
     kk = min(k, corpus.shape[0])
     expected = -np.sort(-sims, axis=1)[:, :kk]
