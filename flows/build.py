@@ -545,8 +545,11 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
             embed_task.submit(g["queries"], "queries", i, embedder.name, cfg, run_dir)
             for i, g in enumerate(generated)
         ]
-        passage_embs = [r["embeddings"] for r in _results(emb_p_futs, timeout, "embed passages")]
-        query_embs = [r["embeddings"] for r in _results(emb_q_futs, timeout, "embed queries")]
+        embedded = _results(emb_p_futs, timeout, "embed passages")
+        passage_embs = [r["embeddings"] for r in embedded]
+        embedded_q = _results(emb_q_futs, timeout, "embed queries")
+        query_embs = [r["embeddings"] for r in embedded_q]
+        embed_skipped = sum(r["skipped"] for r in embedded + embedded_q)
         wall["embed"] = time.perf_counter() - t0
     finally:
         for w in workers:
@@ -592,6 +595,7 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         deduped=deduped,
         generated=generated,
         embedded={"passages": passage_embs, "queries": query_embs},
+        embed_skipped=embed_skipped,
         mined=mined,
         assembled=assembled,
         models={

@@ -68,6 +68,7 @@ def _stage_table(doc: dict) -> Table:
 
 
 def print_summary(run_dir: Path, doc: dict) -> None:
+    run_dir = run_dir.resolve()
     console.print(_stage_table(doc))
     gen = doc["stages"]["generate"]["extra"]
     mine = doc["stages"]["mine"]["extra"]
@@ -89,16 +90,15 @@ def print_summary(run_dir: Path, doc: dict) -> None:
     console.print(f"splits: {asm['splits']}   cross-split leakage: {asm['leakage']}")
     console.print(f"rejects by reason: {doc['reject_reasons']}")
     console.print(f"total {doc['timings']['total']:.1f} s")
-    console.print(f"\n[bold]output:[/bold] {run_dir.resolve()}")
-    console.print(f"  manifest: {run_dir.resolve() / 'manifest.json'}")
+    console.print(f"\n[bold]output:[/bold] {run_dir}")
+    console.print(f"  manifest: {run_dir / 'manifest.json'}")
     console.print("[bold]query it:[/bold]")
     console.print(
         f'  tripletforge query {run_dir} "SELECT split, count(*) AS n, '
         f'avg(len(negatives)) AS negs FROM triplets GROUP BY split"'
     )
     console.print(
-        f"  duckdb -c \"SELECT query, positive FROM '{run_dir.resolve()}/triplets/*.parquet' "
-        f'LIMIT 5"'
+        f"  duckdb -c \"SELECT query, positive FROM '{run_dir}/triplets/*.parquet' LIMIT 5\""
     )
 
 

@@ -61,6 +61,7 @@ def build_manifest(
     deduped: dict[str, Any],
     generated: list[dict[str, Any]],
     embedded: dict[str, list[ShardInfo]],
+    embed_skipped: int,
     mined: list[dict[str, Any]],
     assembled: dict[str, Any],
     models: dict[str, dict[str, Any] | None],
@@ -121,6 +122,7 @@ def build_manifest(
         rows_in=embedded_rows,
         rows_out=embedded_rows,
         seconds=wall.get("embed", 0.0),
+        skipped_shards=embed_skipped,
         extra={k: sum(s.rows for s in v) for k, v in embedded.items()},
     )
 
