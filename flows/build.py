@@ -110,16 +110,14 @@ def _model_work_pending(
     run_dir: str,
 ) -> tuple[bool, bool]:
     """(LLM needed, embedder needed): False when every shard that model makes is on disk."""
-    embed_needed = False
+    query_shards = []
     for i, shard in enumerate(passage_shards):
         fp, out, rej = _generate_outputs(shard, i, limits[i], llm_path, cfg, run_dir)
         done = _reuse((rej, fp), (out, fp))
         if done is None:
             return True, True
-        for kind, source in (("passages", shard), ("queries", done[1])):
-            efp, eout = _embed_output(source, kind, i, cfg, run_dir)
-            embed_needed = embed_needed or existing_shard(eout, efp) is None
-    return False, embed_needed
+        query_shards.append(done[1])
+    return False, _embeddings_pending(passage_shards, query_shards, cfg, run_dir)
 
 
 # --- stage tasks ---------------------------------------------------------------------------------
