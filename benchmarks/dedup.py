@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schemas.config import DedupConfig  # noqa: E402
-from tasks.dedup import jaccard, near_duplicate_pairs, shingle_set  # noqa: E402
+from tasks.dedup import jaccard, near_duplicate_pairs, shingle_sets  # noqa: E402
 
 # Modules with side effects on import (printing, a browser, a GUI) stay out.
 UNSAFE = {"this", "antigravity", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data"}
@@ -110,7 +110,7 @@ def plant(text: str, rng: random.Random) -> str:
 
 
 def ours(texts: list[str], cfg: DedupConfig) -> set[tuple[int, int]]:
-    shingles = [shingle_set(t, cfg.shingle_size) for t in texts]
+    shingles = shingle_sets(texts, cfg.shingle_size)
     return {(i, j) for i, j, _ in near_duplicate_pairs(shingles, cfg)}
 
 
@@ -119,9 +119,9 @@ def datasketch_pairs(texts: list[str], cfg: DedupConfig) -> set[tuple[int, int]]
 
     lsh = MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm)
     hashes = []
-    for i, text in enumerate(texts):
+    for i, shingles in enumerate(shingle_sets(texts, cfg.shingle_size)):
         m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
-        m.update_batch([s.encode() for s in shingle_set(text, cfg.shingle_size)])
+        m.update_batch([s.encode() for s in shingles])
         lsh.insert(i, m)
         hashes.append(m)
     return {(min(i, j), max(i, j)) for i, m in enumerate(hashes) for j in lsh.query(m) if j != i}
@@ -147,7 +147,7 @@ def main() -> None:
     t_ds = time.perf_counter() - start
 
     # Real near-duplicates among base passages count as true pairs (checked exactly).
-    shingles = [shingle_set(t, cfg.shingle_size) for t in texts]
+    shingles = shingle_sets(texts, cfg.shingle_size)
     real = {
         p
         for p in (found | found_ds) - planted

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -401,6 +402,7 @@ def assemble_task(
         for i, t in enumerate(slice_table(triplets, cfg.output.shard_size))
     ]
     exports: dict[str, Any] = {}
+    shutil.rmtree(root / "exports", ignore_errors=True)  # rewritten whole, every run
     if "sentence_transformers" in cfg.output.exports:
         st_table, skipped = assemble.to_sentence_transformers(triplets, cfg.mining.num_negatives)
         by_split = {}
@@ -609,6 +611,9 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         wall=wall,
         total_seconds=time.time() - started,
     )
+    removed = manifest.prune_stale(run_dir, doc)
+    if removed:
+        logger.info("removed %d stale file(s) of an earlier run: %s", len(removed), removed[:5])
     manifest.write_manifest(doc, Path(run_dir) / "manifest.json")
     bad = doc.unbalanced_stages()
     if bad:

@@ -124,7 +124,7 @@ def leakage_report(
       train query is >= query_similarity (MinHash + LSH, verified).
     """
     from schemas.config import DedupConfig
-    from tasks.dedup import near_duplicate_pairs, shingle_set
+    from tasks.dedup import near_duplicate_pairs, shingle_sets
 
     cluster_of = pl.from_arrow(clusters.select(["passage_id", "cluster_id"])).unique("passage_id")
     df = (
@@ -144,7 +144,7 @@ def leakage_report(
     queries = df["query"].to_list()
     split = df["split"].to_list()
     cfg = DedupConfig(near_threshold=query_similarity, shingle_size=shingle_size)
-    pairs = near_duplicate_pairs([shingle_set(q, shingle_size) for q in queries], cfg)
+    pairs = near_duplicate_pairs(shingle_sets(queries, shingle_size), cfg)
     crossing = {j if split[j] == "eval" else i for i, j, _ in pairs if split[i] != split[j]}
     return {
         "positive_clusters_in_both": int((splits_per_cluster["n"] > 1).sum()),

@@ -16,8 +16,6 @@ first by (source, row), and each member records its kind and Jaccard similarity 
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from dataclasses import dataclass
 
 import polars as pl
@@ -26,8 +24,6 @@ from rensa import RMinHash, RMinHashLSH
 
 from schemas.config import DedupConfig
 from schemas.tables import CLUSTERS, PASSAGES
-
-_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 
 @dataclass
@@ -48,17 +44,29 @@ def folded_text(col: str = "text") -> pl.Expr:
     )
 
 
-def fold(text: str) -> str:
-    """The same folding as `folded_text`, for one string."""
-    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+def fold_many(texts: list[str]) -> list[str]:
+    """`folded_text` for a list of strings (one Polars call: the same folding everywhere)."""
+    return (
+        pl.DataFrame({"text": texts}, schema={"text": pl.String})
+        .select(folded_text())["text"]
+        .to_list()
+    )
 
 
-def shingle_set(text: str, size: int) -> frozenset[str]:
-    """Word n-grams of the folded text; a text shorter than n words is one shingle."""
-    words = fold(text).split()
+def shingles_of(folded: str, size: int) -> frozenset[str]:
+    """Word n-grams of an already folded text; a text shorter than n words is one shingle."""
+    words = folded.split()
     if len(words) <= size:
         return frozenset([" ".join(words)]) if words else frozenset()
     return frozenset(" ".join(words[i : i + size]) for i in range(len(words) - size + 1))
+
+
+def shingle_sets(texts: list[str], size: int) -> list[frozenset[str]]:
+    return [shingles_of(f, size) for f in fold_many(texts)]
+
+
+def shingle_set(text: str, size: int) -> frozenset[str]:
+    return shingle_sets([text], size)[0]
 
 
 def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
@@ -108,7 +116,7 @@ def _components(n: int, edges: list[tuple[int, int]]) -> list[int]:
 
 def deduplicate(passages: pa.Table, cfg: DedupConfig) -> DedupResult:
     """Exact copies removed, exact and near clusters recorded (see module docstring)."""
-    if passages.num_rows == 0 or not (cfg.exact or cfg.near):
+    if passages.num_rows == 0:
         return DedupResult(passages, CLUSTERS.empty_table(), 0)
     df = (
         pl.from_arrow(passages)
@@ -128,15 +136,14 @@ def deduplicate(passages: pa.Table, cfg: DedupConfig) -> DedupResult:
     group = "_key" if cfg.exact else "passage_id"
     exact_first = df.group_by(group, maintain_order=True).agg(pl.col("_i").first())["_i"].to_list()
     # Near edges among one representative per exact group.
-    texts = df["text"].to_list()
+    keys = df["_key"].to_list()  # folded texts
     shingles: dict[int, frozenset[str]] = {}
     if cfg.near:
         reps = exact_first
-        rep_shingles = [shingle_set(texts[i], cfg.shingle_size) for i in reps]
+        rep_shingles = [shingles_of(keys[i], cfg.shingle_size) for i in reps]
         shingles = dict(zip(reps, rep_shingles, strict=True))
         edges += [(reps[a], reps[b]) for a, b, _ in near_duplicate_pairs(rep_shingles, cfg)]
     root = _components(n, edges)
-    keys = df["_key"].to_list()
     kept_rows = sorted(set(exact_first))
     kept = df[kept_rows].select(PASSAGES.names).to_arrow().cast(PASSAGES)
 
@@ -144,18 +151,20 @@ def deduplicate(passages: pa.Table, cfg: DedupConfig) -> DedupResult:
     for r in root:
         sizes[r] = sizes.get(r, 0) + 1
     ids, sources, rows = df["passage_id"].to_list(), df["source"].to_list(), df["row"].to_list()
-    # The canonical member is "exact" when another member is an exact copy of it, else "near".
-    has_copy = {r for i, r in enumerate(root) if i != r and keys[i] == keys[r]}
+    # A member is "exact" when it has an exact twin (same folded text) in its cluster.
+    twins: dict[tuple[int, str], int] = {}
+    for i, r in enumerate(root):
+        twins[(r, keys[i])] = twins.get((r, keys[i]), 0) + 1
     members = []
     for i, r in enumerate(root):
         if sizes[r] < 2:
             continue
-        exact = keys[i] == keys[r] and (i != r or r in has_copy)
+        exact = twins[(r, keys[i])] > 1
         if keys[i] == keys[r]:
             sim = 1.0
         else:
-            mine = shingles.get(i) or shingle_set(texts[i], cfg.shingle_size)
-            sim = jaccard(mine, shingles.get(r) or shingle_set(texts[r], cfg.shingle_size))
+            mine = shingles.get(i) or shingles_of(keys[i], cfg.shingle_size)
+            sim = jaccard(mine, shingles.get(r) or shingles_of(keys[r], cfg.shingle_size))
         members.append(
             {
                 "passage_id": ids[i],

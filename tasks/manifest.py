@@ -190,3 +190,32 @@ def write_manifest(doc: Manifest, path: str | Path) -> None:
 
 def read_manifest(path: str | Path) -> Manifest:
     return Manifest.model_validate_json(Path(path).read_text())
+
+
+# Folders whose Parquet files are all listed in the manifest's shards.
+DATA_FOLDERS = (
+    "ingest",
+    "pairs",
+    "passages",
+    "clusters",
+    "queries",
+    "embeddings",
+    "candidates",
+    "triplets",
+    "rejects",
+)
+
+
+def prune_stale(run_dir: str | Path, doc: Manifest) -> list[str]:
+    """Delete data files of an earlier run in this folder that this run did not write or reuse
+    (an input changed and now makes fewer shards): they would otherwise show up in every glob.
+    Returns the removed paths, relative to the run folder."""
+    run_dir = Path(run_dir)
+    keep = {(run_dir / s.path).resolve() for shards in doc.shards.values() for s in shards}
+    removed = []
+    for folder in DATA_FOLDERS:
+        for path in sorted((run_dir / folder).glob("*.parquet")):
+            if path.resolve() not in keep:
+                path.unlink()
+                removed.append(path.relative_to(run_dir).as_posix())
+    return removed

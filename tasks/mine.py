@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from schemas.config import MiningConfig
 from schemas.tables import CANDIDATES, REJECTS
-from tasks.dedup import jaccard, shingle_set
+from tasks.dedup import jaccard, shingle_sets
 
 STAGE = "mine"
 
@@ -201,10 +201,11 @@ def with_sibling_similarity(
     missing = {p for pair in pairs.iter_rows() for p in pair if p not in texts}
     if missing:
         raise ValueError(f"no text for clustered passages {sorted(missing)[:3]}")
-    sims = [
-        jaccard(shingle_set(texts[a], shingle_size), shingle_set(texts[b], shingle_size))
-        for a, b in pairs.iter_rows()
-    ]
+    needed = sorted({p for pair in pairs.iter_rows() for p in pair})
+    shingles = dict(
+        zip(needed, shingle_sets([texts[p] for p in needed], shingle_size), strict=True)
+    )
+    sims = [jaccard(shingles[a], shingles[b]) for a, b in pairs.iter_rows()]
     pairs = pairs.with_columns(pl.Series("cluster_similarity", sims, dtype=pl.Float32))
     return cands.join(pairs, on=["passage_id", "positive_id"], how="left")
 
@@ -232,7 +233,7 @@ def label_candidates(
         on=["query_id", "passage_id"],
         how="left",
     ).with_columns(pl.col("other_positive").fill_null(False))
-    df = df.sort(["query_id", "score"], descending=[False, True])
+    df = df.sort(["query_id", "score", "passage_id"], descending=[False, True, False])
     exclusion = _first_reason(
         [
             ("is_positive", rule_is_positive()),
@@ -313,9 +314,8 @@ def mine_negatives(
     qids = queries.column("query_id").to_pylist()
     pids = queries.column("passage_id").to_pylist()
     cluster_df = pl.from_arrow(clusters.select(["passage_id", "cluster_id"]))
-    largest_cluster = (
-        int(cluster_df.group_by("cluster_id").len()["len"].max() or 1) if clusters.num_rows else 1
-    )
+    in_corpus = cluster_df.filter(pl.col("passage_id").is_in(pl.Series(corpus_ids).implode()))
+    largest_cluster = int(in_corpus.group_by("cluster_id").len()["len"].max() or 1)
     most_known = (
         int(known_positives.group_by("query_id").len()["len"].max() or 0)
         if known_positives is not None and known_positives.height
@@ -323,7 +323,7 @@ def mine_negatives(
     )
     # Room for the positive, its whole duplicate cluster and its other known positives on top
     # of the rank window.
-    k = cfg.max_rank + largest_cluster + most_known + 1
+    k = min(len(corpus_ids), cfg.max_rank + largest_cluster + most_known + 1)
     cands = retrieve_candidates(
         qids,
         pids,
@@ -351,6 +351,13 @@ def mine_negatives(
         ).alias("detail"),
         pl.lit(None, dtype=pl.String).alias("raw"),
     )
+    # A rejected query keeps none of its candidates: it must not reach the triplets.
+    labelled = labelled.with_columns(
+        pl.when(pl.col("kept") & pl.col("query_id").is_in(short["query_id"].implode()))
+        .then(pl.lit("too_few_negatives"))
+        .otherwise(pl.col("reason"))
+        .alias("reason")
+    ).with_columns(pl.col("reason").is_null().alias("kept"))
     candidates = labelled.select(
         "query_id",
         "passage_id",

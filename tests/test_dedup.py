@@ -79,3 +79,25 @@ def test_shingles_and_jaccard():
 def test_bad_band_count_is_a_config_error():
     with pytest.raises(ValueError, match="num_bands"):
         DedupConfig(num_perm=128, num_bands=30)
+
+
+def test_identical_ids_collapse_even_with_both_modes_off():
+    table = passages(["same text here", "other text here", "same text here"])
+    result = deduplicate(table, DedupConfig(exact=False, near=False))
+    assert result.passages.column("row").to_pylist() == [0, 1]
+    assert result.deduplicated == 1
+
+
+def test_kind_is_exact_only_for_members_with_an_exact_twin():
+    base = " ".join(WORDS)
+    sibling = variant({59: "end"})
+    table = passages([base, sibling, sibling.upper() + "!"])
+    result = deduplicate(table, DedupConfig())
+    kinds = sorted((c["row"], c["kind"]) for c in result.clusters.to_pylist())
+    assert kinds == [(0, "near"), (1, "exact"), (2, "exact")]
+    assert result.deduplicated == 1
+
+
+def test_folding_keeps_words_with_combining_marks_whole():
+    # Python's \\W splits on combining marks; Polars' does not: one folding is used everywhere
+    assert shingle_set("हिन्दी भाषा", 3) == frozenset({"हिन्दी भाषा"})

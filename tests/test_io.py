@@ -45,3 +45,31 @@ def test_fingerprint_is_order_stable_and_read_tables_concatenates(tmp_path):
     assert table.column("x").to_pylist() == [0, 1, 2]
     assert io.read_tables([], schema).num_rows == 0
     assert [t.num_rows for t in io.slice_table(pa.table({"x": list(range(5))}), 2)] == [2, 2, 1]
+
+
+def test_prune_stale_removes_only_files_the_manifest_does_not_list(tmp_path):
+    from schemas.manifest import Manifest
+    from tasks.manifest import prune_stale
+
+    kept = io.write_parquet_atomic(
+        pa.table({"x": [1]}), tmp_path / "queries" / "part-00000.parquet", "f"
+    )
+    io.write_parquet_atomic(pa.table({"x": [2]}), tmp_path / "queries" / "part-00001.parquet", "f")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "keep.png").write_bytes(b"x")
+    doc = Manifest(
+        run_id="r",
+        config_hash="h",
+        config={},
+        created_at="now",
+        tripletforge_version="0",
+        versions={},
+        models={},
+        stages={},
+        reject_reasons={},
+        timings={},
+        shards={"queries": [kept.model_copy(update={"path": "queries/part-00000.parquet"})]},
+    )
+    assert prune_stale(tmp_path, doc) == ["queries/part-00001.parquet"]
+    assert (tmp_path / "queries" / "part-00000.parquet").exists()
+    assert (tmp_path / "report" / "keep.png").exists()

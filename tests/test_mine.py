@@ -259,3 +259,24 @@ def test_search_mode_switches_at_the_corpus_size_threshold():
     exact, _ = mine([0.8, 0.7, 0.6, 0.5, 0.4], MiningConfig(num_negatives=3, search="exact"))
     ann, _ = mine([0.8, 0.7, 0.6, 0.5, 0.4], MiningConfig(num_negatives=3, search="ann"))
     assert kept_ids(exact) == kept_ids(ann)
+
+
+def test_a_rejected_query_keeps_no_negatives():
+    # one survivor but min_negatives=2: the query is rejected and nothing of it is kept
+    cfg = MiningConfig(num_negatives=3, min_negatives=2, max_rank=1, max_positive_ratio=None)
+    df, result = mine([0.9, 0.5, 0.4], cfg)
+    assert result.queries_kept == 0 and result.rejects.num_rows == 1
+    assert not df["kept"].any()
+    assert reason_of(df, "n0") == "too_few_negatives"
+
+
+def test_removed_copies_do_not_widen_the_search():
+    # a cluster of 50 copies that dedup removed (not in the corpus) must not raise k
+    clusters = clusters_table([("pos", "pos")] + [(f"gone{i}", "pos") for i in range(50)])
+    df, _ = mine(
+        [0.9] + [0.5 - 0.01 * i for i in range(30)],
+        MiningConfig(max_rank=5),
+        clusters,
+        texts={"pos": "x"},
+    )
+    assert df.height <= 5 + 1 + 1
