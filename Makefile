@@ -32,6 +32,7 @@ models: install
 	$(BIN)/tripletforge prepare-models
 
 demo: models
+	mkdir -p "$(PREFECT_HOME)"
 	$(BIN)/tripletforge run --config configs/demo.yaml --report
 
 test: models

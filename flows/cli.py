@@ -19,7 +19,12 @@ console = Console()
 
 
 def _quiet_env() -> None:
-    """Offline, no telemetry, no noisy analytics; set before Prefect/Ray/vLLM are imported."""
+    """Offline, no telemetry, no noisy analytics; set before Prefect/Ray/vLLM are imported.
+
+    Also creates PREFECT_HOME: Prefect does not create missing parent folders, and its local
+    database then fails to open (seen on a fresh clone)."""
+    if os.environ.get("PREFECT_HOME"):
+        os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
     for key, value in {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),

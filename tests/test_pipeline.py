@@ -243,3 +243,44 @@ def test_pairs_mode_runs_every_stage_but_generation(tmp_path, model_workers, pre
     assert (candidates.filter(pl.col("reason") == "other_positive").height) >= 1
     triplets = pl.read_parquet(run_dir / "triplets" / "*.parquet")
     assert set(triplets["style"]) == {"given"}
+
+
+def test_the_cli_runs_as_make_demo_does(tmp_path):
+    """`tripletforge run` in its own process: no Prefect API configured, a PREFECT_HOME that
+    does not exist yet, its own local Ray (pairs mode, so only the embedder loads)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    rows = sample_rows(12)
+    pairs = [
+        {"query": r["title"].replace(".", " ") + " documentation", "positive": r["text"]}
+        for r in rows
+    ]
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cli",
+                "input": {
+                    "mode": "pairs",
+                    "paths": [str(write_jsonl(tmp_path / "p.jsonl", pairs))],
+                },
+                "mining": {"num_negatives": 2, "max_rank": 8},
+                "output": {"dir": str(tmp_path / "runs")},
+                "runtime": {"num_cpus": 1},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_ADDRESS"))}
+    env["PREFECT_HOME"] = str(tmp_path / "missing" / "prefect")
+    cli = os.path.join(os.path.dirname(sys.executable), "tripletforge")
+    done = subprocess.run(
+        [cli, "run", "--config", str(config)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "manifest.json" in done.stdout and "queries: from the given pairs (12)" in done.stdout
+    run_dir = next((tmp_path / "runs").glob("cli-*"))
+    assert read_manifest(run_dir / "manifest.json").unbalanced_stages() == []
