@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -330,7 +329,7 @@ def mine_task(
     if reused:
         return {"candidates": reused[1], "rejects": reused[0], "skipped": True, "seconds": 0.0}
     corpus_ids, corpus = embed.table_to_matrix(read_tables([s.path for s in passage_embs]))
-    qtable = pq.read_table(queries.path, columns=["query_id", "passage_id"])
+    qtable = pq.read_table(queries.path, columns=["query_id", "passage_id", "query"])
     q_ids, q_vecs = embed.table_to_matrix(pq.read_table(query_emb.path))
     if q_ids != qtable.column("query_id").to_pylist():
         raise RuntimeError(f"query embeddings {query_emb.path} do not match {queries.path}")
@@ -339,7 +338,7 @@ def mine_task(
         pc.field("passage_id"), value_set=cluster_table.column("passage_id").combine_chunks()
     )
     texts = read_tables([s.path for s in passages], PASSAGES).filter(clustered)
-    known = pair_queries.other_positives(read_tables([s.path for s in all_queries], QUERIES))
+    known = pair_queries.positives_by_query(read_tables([s.path for s in all_queries], QUERIES))
     result = mine.mine_negatives(
         qtable,
         q_vecs,
@@ -349,7 +348,7 @@ def mine_task(
         cfg.mining,
         dict(zip(texts["passage_id"].to_pylist(), texts["text"].to_pylist(), strict=True)),
         cfg.dedup.shingle_size,
-        known.filter(pl.col("query_id").is_in(qtable["query_id"].to_pylist())),
+        known,
     )
     reasons = _reason_counts(result.candidates.filter(pc.invert(result.candidates["kept"])))
     stats = {

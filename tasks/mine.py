@@ -217,22 +217,26 @@ def label_candidates(
     texts: dict[str, str] | None = None,
     shingle_size: int = 3,
     known_positives: pl.DataFrame | None = None,
+    query_text: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Add rank, kept and reason to every candidate (see module docstring for the order).
 
     `texts` must hold the text of every clustered passage (to measure siblings against the
-    positive)."""
+    positive); `known_positives` (query, passage_id) with `query_text` (query_id, query) mark a
+    query's other known positives."""
     df = with_sibling_similarity(with_clusters(cands, clusters), texts or {}, shingle_size)
-    known = (
-        known_positives
-        if known_positives is not None
-        else pl.DataFrame(schema={"query_id": pl.String, "passage_id": pl.String})
-    )
-    df = df.join(
-        known.with_columns(pl.lit(True).alias("other_positive")),
-        on=["query_id", "passage_id"],
-        how="left",
-    ).with_columns(pl.col("other_positive").fill_null(False))
+    if known_positives is not None and query_text is not None:
+        flags = known_positives.select("query", "passage_id").with_columns(
+            pl.lit(True).alias("other_positive")
+        )
+        df = (
+            df.join(query_text, on="query_id", how="left")
+            .join(flags, on=["query", "passage_id"], how="left")
+            .drop("query")
+        )
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.Boolean).alias("other_positive"))
+    df = df.with_columns(pl.col("other_positive").fill_null(False))
     df = df.sort(["query_id", "score", "passage_id"], descending=[False, True, False])
     exclusion = _first_reason(
         [
@@ -310,17 +314,25 @@ def mine_negatives(
     """The whole stage for one shard of queries (query_id, passage_id = positive).
 
     `texts`: text of every clustered passage in the corpus (see `label_candidates`);
-    `known_positives`: (query_id, passage_id) of each query's other known positives."""
+    `known_positives`: (query, passage_id) of every known positive of every query text
+    (`tasks.pairs.positives_by_query`); `queries` then needs its `query` column."""
     qids = queries.column("query_id").to_pylist()
     pids = queries.column("passage_id").to_pylist()
     cluster_df = pl.from_arrow(clusters.select(["passage_id", "cluster_id"]))
     in_corpus = cluster_df.filter(pl.col("passage_id").is_in(pl.Series(corpus_ids).implode()))
     largest_cluster = int(in_corpus.group_by("cluster_id").len()["len"].max() or 1)
-    most_known = (
-        int(known_positives.group_by("query_id").len()["len"].max() or 0)
-        if known_positives is not None and known_positives.height
-        else 0
+    query_text = (
+        pl.from_arrow(queries.select(["query_id", "query"]))
+        if "query" in queries.column_names
+        else None
     )
+    most_known = 0
+    if known_positives is not None and query_text is not None and known_positives.height:
+        sizes = known_positives.join(query_text.select("query").unique(), on="query")
+        most_known = int(sizes.group_by("query").len()["len"].max() or 1) - 1
+    # A generic query text shared by many passages must not widen every query's search:
+    # beyond max_rank, its extra known positives may shrink its own rank window instead.
+    most_known = min(most_known, cfg.max_rank)
     # Room for the positive, its whole duplicate cluster and its other known positives on top
     # of the rank window.
     k = min(len(corpus_ids), cfg.max_rank + largest_cluster + most_known + 1)
@@ -334,7 +346,9 @@ def mine_negatives(
         ann=use_ann(cfg, len(corpus_ids)),
         ef_search=cfg.ann_ef_search,
     )
-    labelled = label_candidates(cands, cluster_df, cfg, texts, shingle_size, known_positives)
+    labelled = label_candidates(
+        cands, cluster_df, cfg, texts, shingle_size, known_positives, query_text
+    )
     kept_per_query = labelled.group_by("query_id").agg(pl.col("kept").sum().alias("n"))
     short = (
         pl.DataFrame({"query_id": qids}, schema={"query_id": pl.String})

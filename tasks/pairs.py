@@ -71,13 +71,9 @@ def queries_from_pairs(
     return queries.to_arrow().cast(QUERIES), df.height - queries.height
 
 
-def other_positives(queries: pa.Table) -> pl.DataFrame:
-    """(query_id, passage_id) for every *other* positive of a query: passages that are the
-    positive of another row with the same query text. They must never be its negatives."""
-    df = pl.from_arrow(queries.select(["query_id", "query", "passage_id"]))
-    return (
-        df.join(df.select("query", pl.col("passage_id").alias("other")), on="query")
-        .filter(pl.col("other") != pl.col("passage_id"))
-        .select("query_id", pl.col("other").alias("passage_id"))
-        .unique()
-    )
+def positives_by_query(queries: pa.Table) -> pl.DataFrame:
+    """(query, passage_id): every known positive of every query text. A candidate whose
+    (query text, passage) is in here is another known positive of its query and must never be
+    its negative. Mining joins candidates against it, which stays linear even when many
+    passages share one generic query text (a pairwise table would be quadratic)."""
+    return pl.from_arrow(queries.select(["query", "passage_id"])).unique()

@@ -280,3 +280,24 @@ def test_removed_copies_do_not_widen_the_search():
         texts={"pos": "x"},
     )
     assert df.height <= 5 + 1 + 1
+
+
+def test_other_known_positives_of_the_query_text_are_never_negatives():
+    ids = ["pos"] + [f"n{i}" for i in range(4)]
+    queries = pa.table({"query_id": ["q"], "passage_id": ["pos"], "query": ["what is x"]})
+    known = pl.DataFrame(
+        {"query": ["what is x", "what is x", "other"], "passage_id": ["pos", "n1", "n2"]}
+    )
+    result = mine_negatives(
+        queries,
+        QUERY,
+        ids,
+        corpus_with_scores([0.9, 0.5, 0.45, 0.4, 0.3]),
+        CLUSTERS.empty_table(),
+        MiningConfig(max_positive_ratio=None),
+        known_positives=known,
+    )
+    df = pl.from_arrow(result.candidates)
+    assert reason_of(df, "n1") == "other_positive"  # a positive of the same query text
+    assert reason_of(df, "n2") is None  # a positive of another query is a fine negative
+    assert kept_ids(df) == ["n0", "n2", "n3"]

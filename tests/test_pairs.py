@@ -11,7 +11,7 @@ from schemas.config import DedupConfig, InputConfig
 from schemas.tables import PAIRS, QUERIES
 from tasks.dedup import deduplicate
 from tasks.ingest import IngestError, ingest_file
-from tasks.pairs import other_positives, queries_from_pairs
+from tasks.pairs import positives_by_query, queries_from_pairs
 
 P1 = "The json module encodes Python objects as JSON text and decodes it back."
 P2 = "json.dumps serializes an object to a JSON formatted string with options."
@@ -85,11 +85,9 @@ def test_queries_point_at_kept_passages_and_duplicates_collapse(tmp_path):
     csv_query = queries.filter(pc.equal(queries["query"], "read a csv file"))
     assert csv_query["passage_id"][0].as_py() == corpus.passages["passage_id"][0].as_py()
     assert set(queries.column("style").to_pylist()) == {"given"}
-    known = other_positives(queries)
-    json_ids = {r["query_id"]: r["passage_id"] for r in queries.to_pylist() if "json" in r["query"]}
-    assert known.height == 2
-    for row in known.iter_rows(named=True):
-        assert row["passage_id"] in json_ids.values()
-        assert row["passage_id"] != json_ids[row["query_id"]]
-    assert other_positives(queries.slice(3, 1)).height == 0
+    known = positives_by_query(queries)
+    assert sorted(known.filter(pl.col("query") == "how to encode json")["passage_id"]) == sorted(
+        queries.filter(pc.equal(queries["query"], "how to encode json"))["passage_id"].to_pylist()
+    )
+    assert known.height == 3
     assert isinstance(known, pl.DataFrame)
