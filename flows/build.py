@@ -62,6 +62,11 @@ def _reuse(*pairs: tuple[Path, str]) -> list[ShardInfo] | None:
     return None if any(i is None for i in infos) else infos  # type: ignore[return-value]
 
 
+def _reuse_parts(folder: Path, fp: str, count: int) -> list[ShardInfo] | None:
+    """part-00000 .. part-<count-1> of `folder` when every one is on disk with `fp`."""
+    return _reuse(*[(folder / _part(i), fp) for i in range(count)])
+
+
 def _generate_outputs(
     shard: ShardInfo, index: int, limit: int, llm_path: str, cfg: PipelineConfig, run_dir: str
 ) -> tuple[str, Path, Path]:
@@ -180,9 +185,7 @@ def pairs_task(
     )
     first = existing_shard(Path(run_dir) / "queries" / _part(0), fp)
     if first is not None:
-        shards = _reuse(
-            *[(Path(run_dir) / "queries" / _part(i), fp) for i in range(first.stats["shards"])]
-        )
+        shards = _reuse_parts(Path(run_dir) / "queries", fp, first.stats["shards"])
         if shards is not None:
             return [{"queries": s, "skipped": True} for s in shards]
     queries, duplicates = pair_queries.queries_from_pairs(
@@ -211,9 +214,7 @@ def dedup_task(ingested: list[ShardInfo], cfg: PipelineConfig, run_dir: str) -> 
     clusters_path = Path(run_dir) / "clusters" / "clusters.parquet"
     done = existing_shard(clusters_path, fp)
     if done is not None:
-        shards = _reuse(
-            *[(Path(run_dir) / "passages" / _part(i), fp) for i in range(done.stats["shards"])]
-        )
+        shards = _reuse_parts(Path(run_dir) / "passages", fp, done.stats["shards"])
         if shards is not None:
             return {"passages": shards, "clusters": done, "skipped": True, "seconds": 0.0}
     passages = read_tables([s.path for s in ingested], PASSAGES)
