@@ -27,10 +27,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect_ray import RayTaskRunner
 
 from flows import runtime
-from schemas.config import PipelineConfig
+from schemas.config import LLM_TRANSPORT_FIELDS, PipelineConfig
 from schemas.manifest import ShardInfo
-from schemas.tables import CANDIDATES, CLUSTERS, PAIRS, PASSAGES, QUERIES, REJECTS, TRIPLETS
-from tasks import assemble, dedup, embed, generate, ingest, manifest, mine
+from schemas.tables import (
+    CANDIDATES,
+    CLUSTERS,
+    GENERATED,
+    PAIRS,
+    PASSAGES,
+    QUERIES,
+    REJECTS,
+    TRIPLETS,
+)
+from tasks import assemble, dedup, embed, generate, ingest, judge, manifest, mine
 from tasks import pairs as pair_queries
 from tasks.io import (
     existing_shard,
@@ -41,7 +50,7 @@ from tasks.io import (
     write_parquet_atomic,
 )
 from tasks.models import resolve_llm_path
-from tasks.prompts import PROMPTS
+from tasks.prompts import prompt_versions
 
 log = logging.getLogger(__name__)
 # Stage and shard progress for whoever listens (the CLI shows it live).
@@ -67,21 +76,33 @@ def _reuse_parts(folder: Path, fp: str, count: int) -> list[ShardInfo] | None:
     return _reuse(*[(folder / _part(i), fp) for i in range(count)])
 
 
+def _llm_identity(cfg: PipelineConfig, llm_path: str) -> list[Any]:
+    """What decides an LLM's outputs (not where it is reached): part of fingerprints."""
+    llm = cfg.llm.model_dump(mode="json", exclude=LLM_TRANSPORT_FIELDS)
+    return [llm_path if cfg.llm.backend == "vllm" else None, llm, prompt_versions()]
+
+
 def _generate_outputs(
     shard: ShardInfo, index: int, limit: int, llm_path: str, cfg: PipelineConfig, run_dir: str
-) -> tuple[str, Path, Path]:
-    """(fingerprint, queries path, rejects path) of one generate shard."""
+) -> tuple[str, list[Path]]:
+    """(fingerprint, [queries, query rejects, generated passages, passage rejects]) of one
+    generate shard."""
+    generation = cfg.generation.model_dump(mode="json", exclude={"consistency_top_k"})
     fp = fingerprint(
         "generate",
         shard.sha256,
         limit,
-        llm_path,
-        cfg.generation.model_dump(mode="json"),
-        cfg.llm.model_dump(mode="json"),
-        sorted(p.version for p in PROMPTS.values()),
+        generation,
+        cfg.grading.model_dump(mode="json"),
+        *_llm_identity(cfg, llm_path),
     )
     root = Path(run_dir)
-    return fp, root / "queries" / _part(index), root / "rejects" / f"generate-{index:05d}.parquet"
+    return fp, [
+        root / "queries" / _part(index),
+        root / "rejects" / f"generate-{index:05d}.parquet",
+        root / "generated" / _part(index),
+        root / "rejects" / f"generate_passages-{index:05d}.parquet",
+    ]
 
 
 def _embed_output(
@@ -96,10 +117,12 @@ def _embeddings_pending(
     query_shards: list[ShardInfo],
     cfg: PipelineConfig,
     run_dir: str,
+    generated_shards: list[ShardInfo] | None = None,
 ) -> bool:
-    """True when some passage or query embedding shard is not on disk yet."""
+    """True when some passage, query or generated-passage embedding shard is not on disk yet."""
     wanted = [("passages", s, i) for i, s in enumerate(passage_shards)]
     wanted += [("queries", s, i) for i, s in enumerate(query_shards)]
+    wanted += [("generated", s, i) for i, s in enumerate(generated_shards or [])]
     for kind, shard, i in wanted:
         fp, out = _embed_output(shard, kind, i, cfg, run_dir)
         if existing_shard(out, fp) is None:
@@ -115,14 +138,16 @@ def _model_work_pending(
     run_dir: str,
 ) -> tuple[bool, bool]:
     """(LLM needed, embedder needed): False when every shard that model makes is on disk."""
-    query_shards = []
+    query_shards, generated_shards = [], []
     for i, shard in enumerate(passage_shards):
-        fp, out, rej = _generate_outputs(shard, i, limits[i], llm_path, cfg, run_dir)
-        done = _reuse((rej, fp), (out, fp))
+        fp, paths = _generate_outputs(shard, i, limits[i], llm_path, cfg, run_dir)
+        done = _reuse(*[(p, fp) for p in paths])
         if done is None:
             return True, True
-        query_shards.append(done[1])
-    return False, _embeddings_pending(passage_shards, query_shards, cfg, run_dir)
+        query_shards.append(done[0])
+        generated_shards.append(done[2])
+    pending = _embeddings_pending(passage_shards, query_shards, cfg, run_dir, generated_shards)
+    return False, pending
 
 
 # --- stage tasks ---------------------------------------------------------------------------------
@@ -239,17 +264,26 @@ def dedup_task(ingested: list[ShardInfo], cfg: PipelineConfig, run_dir: str) -> 
 class _ActorEngine:
     """A ChatEngine that forwards to the long-lived LLM worker actor."""
 
+    backend = "vllm"
+
     def __init__(self, actor: Any, model_name: str, timeout_s: float):
-        self.actor, self.model_name, self.timeout_s, self.backend = (
-            actor,
-            model_name,
-            timeout_s,
-            "vllm",
-        )
+        self.actor, self.model_name, self.timeout_s = actor, model_name, timeout_s
 
     def chat_json(self, conversations, schema, sampling, seeds):  # type: ignore[no-untyped-def]
         ref = self.actor.chat_json.remote(conversations, schema, sampling, seeds)
         return ray.get(ref, timeout=self.timeout_s)
+
+
+def _chat_engine(cfg: PipelineConfig, llm_name: str | None) -> Any:
+    """The ChatEngine a task talks to: the named vLLM actor, or the configured HTTP server."""
+    if cfg.llm.backend == "openai":
+        from tasks.llm_http import OpenAIEngine
+
+        return OpenAIEngine(cfg.llm, check=False)
+    if llm_name is None:
+        raise RuntimeError("the vLLM backend needs its worker")
+    actor = ray.get_actor(llm_name, namespace=runtime.NAMESPACE)
+    return _ActorEngine(actor, cfg.llm.model_name, cfg.runtime.task_timeout_s)
 
 
 @task(name="generate", cache_policy=NO_CACHE)
@@ -257,24 +291,54 @@ def generate_task(
     shard: ShardInfo,
     index: int,
     limit: int,
-    llm_name: str,
+    llm_name: str | None,
     llm_path: str,
     cfg: PipelineConfig,
     run_dir: str,
 ) -> dict[str, Any]:
+    """Queries for one passage shard, then (with generation.negative_levels) graded passages
+    written for each kept query."""
     start = time.perf_counter()
-    fp, out, rej = _generate_outputs(shard, index, limit, llm_path, cfg, run_dir)
-    reused = _reuse((rej, fp), (out, fp))
+    fp, (out, rej, gen_out, gen_rej) = _generate_outputs(
+        shard, index, limit, llm_path, cfg, run_dir
+    )
+    reused = _reuse((rej, fp), (out, fp), (gen_out, fp), (gen_rej, fp))
     if reused:
-        return {"queries": reused[1], "rejects": reused[0], "skipped": True, "seconds": 0.0}
+        return {
+            "queries": reused[1],
+            "rejects": reused[0],
+            "generated": reused[2],
+            "generated_rejects": reused[3],
+            "skipped": True,
+            "seconds": 0.0,
+        }
     passages = pq.read_table(shard.path).slice(0, limit)
-    actor = ray.get_actor(llm_name, namespace=runtime.NAMESPACE)
-    engine = _ActorEngine(actor, cfg.llm.model_name, cfg.runtime.task_timeout_s)
+    engine = _chat_engine(cfg, llm_name)
     queries, rejects, stats = generate.generate_queries(passages, cfg.generation, engine)
-    rej_info = write_parquet_atomic(rejects, rej, fp, REJECTS, {"reasons": _reason_counts(rejects)})
-    out_info = write_parquet_atomic(queries, out, fp, QUERIES, stats)
-    seconds = time.perf_counter() - start
-    return {"queries": out_info, "rejects": rej_info, "skipped": False, "seconds": seconds}
+    positives = dict(
+        zip(passages["passage_id"].to_pylist(), passages["text"].to_pylist(), strict=True)
+    )
+    written, written_rej, gen_stats = generate.generate_passages(
+        queries, positives, cfg.generation, cfg.grading, engine
+    )
+    if hasattr(engine, "close"):
+        engine.close()
+    infos = [
+        write_parquet_atomic(rejects, rej, fp, REJECTS, {"reasons": _reason_counts(rejects)}),
+        write_parquet_atomic(
+            written_rej, gen_rej, fp, REJECTS, {"reasons": _reason_counts(written_rej)}
+        ),
+        write_parquet_atomic(written, gen_out, fp, GENERATED, gen_stats),
+        write_parquet_atomic(queries, out, fp, QUERIES, stats),
+    ]
+    return {
+        "queries": infos[3],
+        "rejects": infos[0],
+        "generated": infos[2],
+        "generated_rejects": infos[1],
+        "skipped": False,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 @task(name="embed", cache_policy=NO_CACHE)
@@ -284,6 +348,7 @@ def embed_task(
     start = time.perf_counter()
     id_col, text_col, prefix = {
         "passages": ("passage_id", "text", cfg.embedding.passage_prefix),
+        "generated": ("passage_id", "text", cfg.embedding.passage_prefix),
         "queries": ("query_id", "query", cfg.embedding.query_prefix),
     }[kind]
     fp, out = _embed_output(shard, kind, index, cfg, run_dir)
@@ -300,19 +365,20 @@ def embed_task(
     return {"embeddings": info, "skipped": False, "seconds": time.perf_counter() - start}
 
 
-@task(name="mine", cache_policy=NO_CACHE)
-def mine_task(
+def _mine_outputs(
     queries: ShardInfo,
     all_queries: list[ShardInfo],
     query_emb: ShardInfo,
     passage_embs: list[ShardInfo],
     passages: list[ShardInfo],
     clusters: ShardInfo,
+    generated: tuple[ShardInfo, ShardInfo] | None,
     index: int,
     cfg: PipelineConfig,
     run_dir: str,
-) -> dict[str, Any]:
-    start = time.perf_counter()
+) -> tuple[str, Path, Path]:
+    """(fingerprint, candidates path, rejects path) of one mine shard."""
+    llm_path = str(resolve_llm_path(cfg.llm.model_path)) if cfg.judge.enabled else ""
     fp = fingerprint(
         "mine",
         queries.sha256,
@@ -321,11 +387,86 @@ def mine_task(
         [s.sha256 for s in passage_embs],
         [s.sha256 for s in passages],
         clusters.sha256,
+        [s.sha256 for s in generated] if generated else None,
         cfg.mining.model_dump(mode="json"),
         cfg.dedup.shingle_size,
+        _consistency_top_k(cfg),
+        cfg.judge.model_dump(mode="json"),
+        cfg.grading.model_dump(mode="json") if cfg.judge.enabled else None,
+        _llm_identity(cfg, llm_path) if cfg.judge.enabled else None,
     )
-    out = Path(run_dir) / "candidates" / _part(index)
-    rej = Path(run_dir) / "rejects" / f"mine-{index:05d}.parquet"
+    root = Path(run_dir)
+    return fp, root / "candidates" / _part(index), root / "rejects" / f"mine-{index:05d}.parquet"
+
+
+def _consistency_top_k(cfg: PipelineConfig) -> int | None:
+    """The round-trip filter applies to generated queries only, never to the user's pairs."""
+    return None if cfg.input.mode == "pairs" else cfg.generation.consistency_top_k
+
+
+def _passage_texts(shards: list[ShardInfo], ids: list[str]) -> dict[str, str]:
+    """passage_id -> text for these ids only (read with a filter, not whole into a dict)."""
+    if not ids:
+        return {}
+    wanted = pc.is_in(pc.field("passage_id"), value_set=pa.array(sorted(set(ids)), pa.string()))
+    table = read_tables([s.path for s in shards], PASSAGES).filter(wanted)
+    return dict(zip(table["passage_id"].to_pylist(), table["text"].to_pylist(), strict=True))
+
+
+def _judge_step(
+    cfg: PipelineConfig, llm_name: str | None, qtable: pa.Table, passages: list[ShardInfo]
+) -> tuple[mine.JudgeStep, dict[str, Any]]:
+    """The LLM judge as mining calls it, and the dict its stats are collected into."""
+    collected: dict[str, Any] = {}
+    query_of = dict(zip(qtable["query_id"].to_pylist(), qtable["query"].to_pylist(), strict=True))
+
+    def run(todo: Any) -> Any:
+        texts = _passage_texts(passages, todo["passage_id"].to_list())
+        rows = todo.with_columns(
+            todo["query_id"].replace_strict(query_of).alias("query"),
+            todo["passage_id"]
+            .replace_strict(texts, return_dtype=todo["passage_id"].dtype)
+            .alias("text"),
+        )
+        engine = _chat_engine(cfg, llm_name)
+        judged, stats = judge.judge_pairs(rows, engine, cfg.grading, cfg.judge, cfg.judge_grades())
+        if hasattr(engine, "close"):
+            engine.close()
+        collected.update(stats)
+        return judged
+
+    return mine.JudgeStep(run, cfg.judge, cfg.judge.on_false_negative), collected
+
+
+@task(name="mine", cache_policy=NO_CACHE)
+def mine_task(
+    queries: ShardInfo,
+    all_queries: list[ShardInfo],
+    query_emb: ShardInfo,
+    passage_embs: list[ShardInfo],
+    passages: list[ShardInfo],
+    clusters: ShardInfo,
+    generated: tuple[ShardInfo, ShardInfo] | None,
+    llm_name: str | None,
+    index: int,
+    cfg: PipelineConfig,
+    run_dir: str,
+) -> dict[str, Any]:
+    """Mine, filter and (optionally) judge negatives for one query shard; `generated` is its
+    (written passages, their embeddings) when the LLM wrote graded passages."""
+    start = time.perf_counter()
+    fp, out, rej = _mine_outputs(
+        queries,
+        all_queries,
+        query_emb,
+        passage_embs,
+        passages,
+        clusters,
+        generated,
+        index,
+        cfg,
+        run_dir,
+    )
     reused = _reuse((rej, fp), (out, fp))
     if reused:
         return {"candidates": reused[1], "rejects": reused[0], "skipped": True, "seconds": 0.0}
@@ -335,11 +476,16 @@ def mine_task(
     if q_ids != qtable.column("query_id").to_pylist():
         raise RuntimeError(f"query embeddings {query_emb.path} do not match {queries.path}")
     cluster_table = pq.read_table(clusters.path)
-    clustered = pc.is_in(
-        pc.field("passage_id"), value_set=cluster_table.column("passage_id").combine_chunks()
-    )
-    texts = read_tables([s.path for s in passages], PASSAGES).filter(clustered)
     known = pair_queries.positives_by_query(read_tables([s.path for s in all_queries], QUERIES))
+    judge_step, judge_stats = (
+        _judge_step(cfg, llm_name, qtable, passages) if cfg.judge.enabled else (None, {})
+    )
+    gen_table, gen_vecs = None, None
+    if generated is not None:
+        gen_table = pq.read_table(generated[0].path)
+        gen_ids, gen_vecs = embed.table_to_matrix(pq.read_table(generated[1].path))
+        if gen_ids != gen_table["passage_id"].to_pylist():
+            raise RuntimeError(f"embeddings {generated[1].path} do not match {generated[0].path}")
     result = mine.mine_negatives(
         qtable,
         q_vecs,
@@ -347,22 +493,37 @@ def mine_task(
         corpus,
         cluster_table,
         cfg.mining,
-        dict(zip(texts["passage_id"].to_pylist(), texts["text"].to_pylist(), strict=True)),
+        _passage_texts(passages, cluster_table["passage_id"].to_pylist()),
         cfg.dedup.shingle_size,
         known,
+        consistency_top_k=_consistency_top_k(cfg),
+        judge=judge_step,
+        generated=gen_table,
+        generated_vectors=gen_vecs,
     )
-    reasons = _reason_counts(result.candidates.filter(pc.invert(result.candidates["kept"])))
+    cands = result.candidates
+    reasons = _reason_counts(cands.filter(pc.invert(cands["kept"])))
+    mined_kept = pc.and_(cands["kept"], pc.equal(cands["origin"], "mined"))
     stats = {
         "queries_in": qtable.num_rows,
         "queries_kept": result.queries_kept,
-        "candidates": result.candidates.num_rows,
-        "negatives_kept": int(pc.sum(result.candidates["kept"].cast(pa.int64())).as_py() or 0),
+        "candidates": cands.num_rows,
+        "negatives_kept": int(pc.sum(cands["kept"].cast(pa.int64())).as_py() or 0),
+        "mined_kept": int(pc.sum(mined_kept.cast(pa.int64())).as_py() or 0),
         "filtered": reasons,
+        "judge": {
+            **result.judge_stats,
+            **{
+                k: v
+                for k, v in judge_stats.items()
+                if k in ("output_tokens", "generate_seconds", "retried", "model", "prompt_version")
+            },
+        },
     }
     rej_info = write_parquet_atomic(
         result.rejects, rej, fp, REJECTS, {"reasons": _reason_counts(result.rejects)}
     )
-    out_info = write_parquet_atomic(result.candidates, out, fp, CANDIDATES, stats)
+    out_info = write_parquet_atomic(cands, out, fp, CANDIDATES, stats)
     return {
         "candidates": out_info,
         "rejects": rej_info,
@@ -377,14 +538,16 @@ def assemble_task(
     candidates: list[ShardInfo],
     passages: list[ShardInfo],
     clusters: ShardInfo,
+    generated: list[ShardInfo],
     cfg: PipelineConfig,
     run_dir: str,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     fp = fingerprint(
         "assemble",
-        [s.sha256 for s in queries + candidates + passages],
+        [s.sha256 for s in queries + candidates + passages + generated],
         clusters.sha256,
+        cfg.grading.top,
         cfg.split.model_dump(),
         cfg.output.model_dump(mode="json", exclude={"dir"}),
         cfg.mining.num_negatives,
@@ -396,6 +559,7 @@ def assemble_task(
         read_tables([s.path for s in candidates], CANDIDATES),
         pq.read_table(clusters.path),
         cfg.split,
+        read_tables([s.path for s in generated], GENERATED) if generated else None,
     )
     shards = [
         write_parquet_atomic(t, root / "triplets" / _part(i), fp, TRIPLETS)
@@ -418,6 +582,15 @@ def assemble_task(
         exports["flagembedding"] = {
             "rows": assemble.write_flagembedding(triplets, root / "exports" / "flagembedding")
         }
+    if "listwise" in cfg.output.exports:
+        listwise = assemble.to_listwise(triplets, cfg.grading.top)
+        rows = {}
+        for split in ("train", "eval"):
+            part = listwise.filter(pc.equal(listwise["split"], split)).drop(["split"])
+            if part.num_rows:
+                write_parquet_atomic(part, root / "exports" / "listwise" / f"{split}.parquet", fp)
+                rows[split] = part.num_rows
+        exports["listwise"] = {"rows": rows}
     splits = dict(collections.Counter(triplets.column("split").to_pylist()))
     leakage = assemble.leakage_report(triplets, pq.read_table(clusters.path))
     return {
@@ -430,6 +603,34 @@ def assemble_task(
 
 
 # --- the flow ------------------------------------------------------------------------------------
+
+
+def _check_llm_server(cfg: PipelineConfig) -> None:
+    """Fail early, with the server's own words, when the HTTP backend is unreachable."""
+    from tasks.llm_http import OpenAIEngine
+
+    OpenAIEngine(cfg.llm, check=True).close()
+
+
+def _llm_description(cfg: PipelineConfig, llm: runtime.WorkerHandle | None, pairs: bool) -> str:
+    if cfg.llm.backend == "openai":
+        return f"{cfg.llm.model_name} (openai-compatible server)"
+    if llm is None:
+        return "not used (pairs mode)" if pairs else "not used"
+    state = "loaded" if llm.actor else "not loaded: its shards are on disk"
+    return f"{llm.model_name} ({llm.device}, {state})"
+
+
+def _llm_record(
+    cfg: PipelineConfig, llm: runtime.WorkerHandle | None, used: bool, path: str
+) -> dict[str, Any] | None:
+    """The LLM as the manifest records it (no URL credentials, never the API key)."""
+    if not used:
+        return None
+    record: dict[str, Any] = {"name": cfg.llm.model_name, "backend": cfg.llm.backend}
+    if cfg.llm.backend == "vllm":
+        record.update(path=path, device=llm.device if llm is not None else cfg.llm.device)
+    return record
 
 
 def _results(futures: list[Any], timeout_s: float, stage: str) -> list[Any]:
@@ -486,9 +687,14 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
 
     workers: list[runtime.WorkerHandle] = []
     llm: runtime.WorkerHandle | None = None
+    llm_used = not pairs_mode or cfg.judge.enabled
+    http = cfg.llm.backend == "openai"
+    llm_path = str(resolve_llm_path(cfg.llm.model_path)) if llm_used and not http else ""
+    generated_shards: list[ShardInfo] | None = None
     try:
         t0 = time.perf_counter()
-        if pairs_mode:  # the user's queries: no LLM
+        need_llm = False
+        if pairs_mode:  # the user's queries: no generation
             progress.info("queries from pairs")
             generated = pairs_task.submit(ingested, passage_shards, cfg, run_dir).result(
                 timeout=timeout
@@ -498,22 +704,21 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
                 passage_shards, [g["queries"] for g in generated], cfg, run_dir
             )
         else:
-            llm_path = str(resolve_llm_path(cfg.llm.model_path))
             need_llm, need_embedder = _model_work_pending(
                 passage_shards, limits, llm_path, cfg, run_dir
             )
-            progress.info("loading the LLM" if need_llm else "LLM not needed")
+        if llm_used and not http:
+            progress.info("loading the LLM" if need_llm else "LLM not needed yet")
             llm = runtime.llm_worker(cfg, start=need_llm)
             workers.append(llm)
+        elif http and need_llm:
+            _check_llm_server(cfg)
         embedder = runtime.embed_worker(cfg, start=need_embedder)
         workers.append(embedder)
         wall["load_models"] = time.perf_counter() - t0 - wall.get("generate", 0.0)
         logger.info(
             "models: llm=%s, embedder=%s (%s)",
-            "not used (pairs mode)"
-            if llm is None
-            else f"{llm.model_name} ({llm.device}, "
-            f"{'loaded' if llm.actor else 'not needed: every shard is on disk'})",
+            _llm_description(cfg, llm, pairs_mode),
             embedder.model_name,
             "loaded" if embedder.actor else "not needed",
         )
@@ -524,20 +729,22 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
                 for i, s in enumerate(passage_shards)
             ]
 
-        if llm is not None:
+        if not pairs_mode:
             t0 = time.perf_counter()
+            llm_name = llm.name if llm is not None else None
             gen_futs = [
-                generate_task.submit(s, i, limits[i], llm.name, llm.model_path, cfg, run_dir)
+                generate_task.submit(s, i, limits[i], llm_name, llm_path, cfg, run_dir)
                 for i, s in enumerate(passage_shards)
             ]
             # On a CPU engine, embedding beside generation slows vLLM's spin-waiting OpenMP
             # threads far more than it gains (measured 33 vs 330 tokens/s on 2 cores).
-            overlap = llm.device != "cpu"
+            overlap = http or (llm is not None and llm.device != "cpu")
             emb_p_futs = embed_passages() if overlap else []
             generated = _results(gen_futs, timeout, "generate")
             wall["generate"] = time.perf_counter() - t0
             if not overlap:
                 emb_p_futs = embed_passages()
+            generated_shards = [g["generated"] for g in generated]
         else:
             emb_p_futs = embed_passages()
         t0 = time.perf_counter()
@@ -545,36 +752,53 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
             embed_task.submit(g["queries"], "queries", i, embedder.name, cfg, run_dir)
             for i, g in enumerate(generated)
         ]
+        emb_g_futs = [
+            embed_task.submit(s, "generated", i, embedder.name, cfg, run_dir)
+            for i, s in enumerate(generated_shards or [])
+        ]
         embedded = _results(emb_p_futs, timeout, "embed passages")
         passage_embs = [r["embeddings"] for r in embedded]
         embedded_q = _results(emb_q_futs, timeout, "embed queries")
         query_embs = [r["embeddings"] for r in embedded_q]
-        embed_skipped = sum(r["skipped"] for r in embedded + embedded_q)
+        embedded_g = _results(emb_g_futs, timeout, "embed written passages")
+        generated_embs = [r["embeddings"] for r in embedded_g]
+        embed_skipped = sum(r["skipped"] for r in embedded + embedded_q + embedded_g)
         wall["embed"] = time.perf_counter() - t0
-    finally:
-        for w in workers:
-            if w.created:
-                runtime.shutdown_worker(w)
 
-    t0 = time.perf_counter()
-    mined = _results(
-        [
-            mine_task.submit(
+        mine_args = [
+            (
                 g["queries"],
                 [x["queries"] for x in generated],
                 qe,
                 passage_embs,
                 passage_shards,
                 clusters,
+                (generated_shards[i], generated_embs[i]) if generated_shards else None,
                 i,
-                cfg,
-                run_dir,
             )
             for i, (g, qe) in enumerate(zip(generated, query_embs, strict=True))
-        ],
-        timeout,
-        "mine",
-    )
+        ]
+        if cfg.judge.enabled and not http and llm is not None and llm.actor is None:
+            pending = any(
+                _reuse(*[(p, fp) for p in (out, rej)]) is None
+                for fp, out, rej in (_mine_outputs(*a, cfg, run_dir) for a in mine_args)
+            )
+            if pending:  # generation was on disk but the judge has work: load the LLM now
+                progress.info("loading the LLM for the judge")
+                llm = runtime.llm_worker(cfg, start=True)
+                workers.append(llm)
+        t0 = time.perf_counter()
+        llm_name = llm.name if llm is not None and llm.actor is not None else None
+        mined = _results(
+            [mine_task.submit(*a[:7], llm_name, a[7], cfg, run_dir) for a in mine_args],
+            timeout,
+            "mine",
+        )
+    finally:
+        for w in workers:
+            if w.created:
+                runtime.shutdown_worker(w)
+
     wall["mine"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     progress.info("assemble and export")
@@ -583,6 +807,7 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         [m["candidates"] for m in mined],
         passage_shards,
         clusters,
+        generated_shards or [],
         cfg,
         run_dir,
     ).result(timeout=timeout)
@@ -594,14 +819,12 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         ingested=ingested,
         deduped=deduped,
         generated=generated,
-        embedded={"passages": passage_embs, "queries": query_embs},
+        embedded={"passages": passage_embs, "queries": query_embs, "generated": generated_embs},
         embed_skipped=embed_skipped,
         mined=mined,
         assembled=assembled,
         models={
-            "llm": None
-            if llm is None
-            else {"name": llm.model_name, "path": llm.model_path, "device": llm.device},
+            "llm": _llm_record(cfg, llm, llm_used, llm_path),
             "embedding": {
                 "name": embedder.model_name,
                 "path": embedder.model_path,

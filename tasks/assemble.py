@@ -20,24 +20,14 @@ def split_of(group: str, cfg: SplitConfig) -> str:
     return "eval" if int.from_bytes(digest, "big") / 2**64 < cfg.eval_fraction else "train"
 
 
-def assemble_triplets(
-    queries: pa.Table,
-    passages: pa.Table,
-    candidates: pa.Table,
-    clusters: pa.Table,
-    cfg: SplitConfig,
-) -> pa.Table:
-    """One row per query that kept negatives: the query, its positive and negatives (best first).
-
-    The split is decided by the positive's duplicate cluster, so copies of one passage never
-    land in both train and eval.
-    """
-    text = pl.from_arrow(passages.select(["passage_id", "text"]))
-    kept = (
-        pl.from_arrow(candidates)
-        .filter(pl.col("kept"))
-        .join(text, on="passage_id", how="left")
-        .sort(["query_id", "rank"])
+def _passage_list(df: pl.DataFrame, name: str) -> pl.DataFrame:
+    """Per query: a list of NEGATIVE structs, mined ones by rank, then written ones by grade."""
+    return (
+        df.sort(
+            ["query_id", pl.col("origin") != "mined", "rank", "grade"],
+            descending=[False, False, False, True],
+            nulls_last=True,
+        )
         .group_by("query_id", maintain_order=True)
         .agg(
             pl.struct(
@@ -47,14 +37,46 @@ def assemble_triplets(
                 "score",
                 "origin",
                 "cluster_similarity",
-            ).alias("negatives"),
-            pl.col("positive_score").first(),
+                "verdict",
+            ).alias(name)
         )
     )
+
+
+def assemble_triplets(
+    queries: pa.Table,
+    passages: pa.Table,
+    candidates: pa.Table,
+    clusters: pa.Table,
+    cfg: SplitConfig,
+    generated: pa.Table | None = None,
+) -> pa.Table:
+    """One row per query that kept negatives: the query, its positive, its negatives (mined by
+    rank, then passages the LLM wrote, by grade) and the mined passages the judge relabelled as
+    positives.
+
+    The split is decided by the positive's duplicate cluster, so copies of one passage never
+    land in both train and eval.
+    """
+    text = pl.from_arrow(passages.select(["passage_id", "text"]))
+    if generated is not None and generated.num_rows:
+        text = pl.concat([text, pl.from_arrow(generated.select(["passage_id", "text"]))])
+    cands = pl.from_arrow(candidates).join(text, on="passage_id", how="left")
+    kept = _passage_list(cands.filter(pl.col("kept")), "negatives").join(
+        cands.filter(pl.col("kept"))
+        .group_by("query_id")
+        .agg(pl.col("positive_score").first(), pl.col("positive_rank").first()),
+        on="query_id",
+    )
+    extra = _passage_list(cands.filter(pl.col("reason") == "relabeled_positive"), "extra_positives")
     cluster_of = pl.from_arrow(clusters.select(["passage_id", "cluster_id"])).unique("passage_id")
     df = (
         pl.from_arrow(queries.select(["query_id", "query", "style", "passage_id"]))
         .join(kept, on="query_id", how="inner")
+        .join(extra, on="query_id", how="left")
+        .with_columns(
+            pl.col("extra_positives").fill_null(pl.lit([], dtype=extra["extra_positives"].dtype))
+        )
         .join(text.rename({"text": "positive"}), on="passage_id", how="left")
         .join(cluster_of, on="passage_id", how="left")
         .with_columns(pl.col("cluster_id").fill_null(pl.col("passage_id")))
@@ -90,17 +112,60 @@ def to_flagembedding_lines(triplets: pa.Table) -> dict[str, list[str]]:
     """FlagEmbedding fine-tuning JSONL lines per split: query, pos, neg, pos_scores, neg_scores."""
     lines: dict[str, list[str]] = {}
     for row in triplets.to_pylist():
+        extra = row["extra_positives"]
         record = {
             "query": row["query"],
-            "pos": [row["positive"]],
+            "pos": [row["positive"]] + [p["text"] for p in extra],
             "neg": [n["text"] for n in row["negatives"]],
-            "pos_scores": [row["positive_score"]],
+            "pos_scores": [row["positive_score"]] + [p["score"] for p in extra],
             "neg_scores": [n["score"] for n in row["negatives"]],
+            # not read by FlagEmbedding; kept for graded (list-wise) losses
+            "neg_grades": [n["grade"] for n in row["negatives"]],
             "prompt": "",
             "type": "normal",
         }
         lines.setdefault(row["split"], []).append(json.dumps(record, ensure_ascii=False))
     return lines
+
+
+def to_listwise(triplets: pa.Table, top_grade: int) -> pa.Table:
+    """One row per query for graded / list-wise losses: the passages (positive first, then
+    extra positives, then negatives), their grades and embedder scores. The positive and the
+    relabelled positives get `top_grade`; an ungraded mined negative gets null."""
+    df = pl.from_arrow(triplets)
+    if df.is_empty():
+        return pa.table(
+            {
+                "split": pa.array([], pa.string()),
+                "query": pa.array([], pa.string()),
+                "passages": pa.array([], pa.list_(pa.string())),
+                "grades": pa.array([], pa.list_(pa.int8())),
+                "scores": pa.array([], pa.list_(pa.float32())),
+            }
+        )
+    top = pl.lit(top_grade, dtype=pl.Int8)
+    out = df.select(
+        "split",
+        "query",
+        pl.concat_list(
+            pl.concat_list("positive"),
+            pl.col("extra_positives").list.eval(pl.element().struct.field("text")),
+            pl.col("negatives").list.eval(pl.element().struct.field("text")),
+        ).alias("passages"),
+        pl.concat_list(
+            pl.concat_list(top),
+            pl.col("extra_positives").list.eval(
+                pl.element().struct.field("grade").fill_null(top_grade)
+            ),
+            pl.col("negatives").list.eval(pl.element().struct.field("grade")),
+        ).alias("grades"),
+        pl.concat_list(
+            pl.concat_list("positive_score"),
+            pl.col("extra_positives").list.eval(pl.element().struct.field("score")),
+            pl.col("negatives").list.eval(pl.element().struct.field("score")),
+        ).alias("scores"),
+    )
+    return out.to_arrow()
 
 
 def write_flagembedding(triplets: pa.Table, folder: Path) -> dict[str, int]:

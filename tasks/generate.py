@@ -7,11 +7,16 @@ Three pieces, kept apart so each can be tested alone:
 - `parse_query_outputs`: completions -> queries table + rejects with a reason.
 
 Reject reasons: truncated, invalid_json, schema_mismatch, empty_query, too_short, too_long,
-copies_passage.
+copies_passage, wrong_language; every one is retried (new seed, `retry_temperature`) up to
+`retries` times before the request is rejected.
+
+`generate_passages` writes graded passages (negatives at configured relevance levels) for kept
+queries in the same way (reasons as above, plus empty_passage and copies_positive).
 """
 
 from __future__ import annotations
 
+import collections
 import difflib
 import hashlib
 import json
@@ -19,18 +24,23 @@ import logging
 import os
 import re
 import time
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pyarrow as pa
 
-from schemas.config import GenerationConfig, LLMConfig
-from schemas.llm import query_json_schema
-from schemas.tables import QUERIES, REJECTS
-from tasks.prompts import PROMPTS
+from schemas.config import GenerationConfig, GradingConfig, LLMConfig
+from schemas.llm import passage_json_schema, query_json_schema
+from schemas.tables import GENERATED, QUERIES, REJECTS
+from tasks.prompts import PASSAGE_PROMPT, PROMPTS
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
+PASSAGE_STAGE = "generate_passages"
+MIN_PASSAGE_CHARS = 40
+MAX_PASSAGE_CHARS = 1200
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -141,50 +151,154 @@ def check_query(
     ratio = copy_ratio(query, passage)
     if len(_words(query)) >= 4 and ratio >= cfg.max_copy_ratio:
         return "copies_passage", f"copy ratio {ratio:.2f} >= {cfg.max_copy_ratio}", query
+    if cfg.same_script and not same_script(query, passage):
+        return "wrong_language", f"{dominant_script(query)} vs {dominant_script(passage)}", query
     return None, None, query
+
+
+def dominant_script(text: str) -> str | None:
+    """The writing system of most of the letters (LATIN, CYRILLIC, CJK, ARABIC, ...), from the
+    Unicode character names; None when the text has no letters."""
+    counts: collections.Counter[str] = collections.Counter()
+    for ch in text:
+        if ch.isalpha():
+            counts[unicodedata.name(ch, "UNKNOWN").split(" ")[0]] += 1
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def same_script(text: str, reference: str) -> bool:
+    """False when `text` is mostly written in another script than `reference`. This catches a
+    small model answering in another language or alphabet; it does not tell English from French
+    (a language identifier would be needed for that)."""
+    a, b = dominant_script(text), dominant_script(reference)
+    return a is None or b is None or a == b
+
+
+RETRYABLE = frozenset(
+    {
+        "truncated",
+        "invalid_json",
+        "schema_mismatch",
+        "empty_query",
+        "empty_passage",
+        "too_short",
+        "too_long",
+        "copies_passage",
+        "copies_positive",
+        "wrong_language",
+    }
+)
+
+
+@dataclass
+class Attempted:
+    """The final outcome of one request after its retries."""
+
+    completion: Completion
+    reason: str | None
+    detail: str | None
+    value: str
+    attempt: int  # 1 = first try
+    seed: int
+    sampling: SamplingSettings
+
+
+Checker = Callable[[Completion, dict[str, Any]], tuple[str | None, str | None, str]]
+
+
+def run_with_retries(
+    requests: list[dict[str, Any]],
+    engine: ChatEngine,
+    schema: dict[str, Any],
+    sampling: SamplingSettings,
+    check: Checker,
+    retries: int,
+    retry_temperature: float,
+) -> tuple[list[Attempted], dict[str, Any]]:
+    """Ask the engine for every request, then re-ask (new seed, `retry_temperature`) the ones
+    whose output was rejected for a retryable reason, up to `retries` times. Returns the final
+    outcome per request and stats (tokens, seconds, first-attempt reasons, recovered)."""
+    start = time.perf_counter()
+    completions = engine.chat_json(
+        [r["messages"] for r in requests], schema, sampling, [r["seed"] for r in requests]
+    )
+    outcomes = []
+    for req, comp in zip(requests, completions, strict=True):
+        reason, detail, value = check(comp, req)
+        outcomes.append(Attempted(comp, reason, detail, value, 1, req["seed"], sampling))
+    first_reasons = collections.Counter(o.reason for o in outcomes if o.reason is not None)
+    tokens = sum(c.output_tokens for c in completions)
+    retry_sampling = SamplingSettings(sampling.max_tokens, retry_temperature, sampling.top_p)
+    retried = 0
+    for attempt in range(2, retries + 2):
+        todo = [i for i, o in enumerate(outcomes) if o.reason in RETRYABLE]
+        if not todo:
+            break
+        retried += len(todo)
+        seeds = [request_seed(requests[i]["seed"], f"attempt-{attempt}") for i in todo]
+        again = engine.chat_json(
+            [requests[i]["messages"] for i in todo], schema, retry_sampling, seeds
+        )
+        tokens += sum(c.output_tokens for c in again)
+        for i, seed, comp in zip(todo, seeds, again, strict=True):
+            reason, detail, value = check(comp, requests[i])
+            outcomes[i] = Attempted(comp, reason, detail, value, attempt, seed, retry_sampling)
+    stats = {
+        "requests": len(requests),
+        "output_tokens": tokens,
+        "generate_seconds": time.perf_counter() - start,
+        "first_attempt_reasons": dict(first_reasons),
+        "retried": retried,
+        "recovered": sum(1 for o in outcomes if o.reason is None and o.attempt > 1),
+    }
+    return outcomes, stats
+
+
+def _reject_row(stage: str, source: str, kind: str, o: Attempted) -> dict[str, Any]:
+    detail = f"{kind}: {o.detail}" if o.detail else kind
+    if o.attempt > 1:
+        detail += f" (after {o.attempt} attempts)"
+    return {
+        "stage": stage,
+        "source": source,
+        "row": None,
+        "reason": o.reason,
+        "detail": detail,
+        "raw": o.completion.text[:200],
+    }
+
+
+def _provenance(o: Attempted, engine: ChatEngine, prompt_version: str) -> dict[str, Any]:
+    return {
+        "model": engine.model_name,
+        "backend": engine.backend,
+        "prompt_version": prompt_version,
+        "sampling": json.dumps(o.sampling.as_dict(), sort_keys=True),
+        "seed": o.seed,
+        "attempt": o.attempt,
+        "output_tokens": o.completion.output_tokens,
+    }
 
 
 def parse_query_outputs(
     requests: list[dict[str, Any]],
-    completions: list[Completion],
-    cfg: GenerationConfig,
-    engine_backend: str,
-    model_name: str,
+    outcomes: list[Attempted],
+    engine: ChatEngine,
 ) -> tuple[pa.Table, pa.Table]:
-    """Validate completions against their requests; returns (queries, rejects)."""
-    if len(requests) != len(completions):
-        raise ValueError(f"{len(requests)} requests but {len(completions)} completions")
-    sampling = json.dumps(sampling_from(cfg).as_dict(), sort_keys=True)
+    """Kept queries with their provenance, and a reject row (with its reason) for the rest."""
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
-    for req, comp in zip(requests, completions, strict=True):
-        reason, detail, query = check_query(comp, req["passage"], cfg)
-        if reason is not None:
-            rejects.append(
-                {
-                    "stage": STAGE,
-                    "source": req["passage_id"],
-                    "row": None,
-                    "reason": reason,
-                    "detail": f"style={req['style']}: {detail}"
-                    if detail
-                    else f"style={req['style']}",
-                    "raw": comp.text[:200],
-                }
-            )
+    for req, o in zip(requests, outcomes, strict=True):
+        if o.reason is not None:
+            rejects.append(_reject_row(STAGE, req["passage_id"], f"style={req['style']}", o))
             continue
         rows.append(
             {
-                "query_id": query_id(req["passage_id"], req["style"], req["index"], query),
+                "query_id": query_id(req["passage_id"], req["style"], req["index"], o.value),
                 "passage_id": req["passage_id"],
-                "query": query,
+                "query": o.value,
                 "style": req["style"],
-                "model": model_name,
-                "backend": engine_backend,
-                "prompt_version": req["prompt_version"],
-                "sampling": sampling,
-                "seed": req["seed"],
-                "output_tokens": comp.output_tokens,
+                **_provenance(o, engine, req["prompt_version"]),
             }
         )
     return pa.Table.from_pylist(rows, schema=QUERIES), pa.Table.from_pylist(rejects, schema=REJECTS)
@@ -192,31 +306,129 @@ def parse_query_outputs(
 
 def generate_queries(
     passages: pa.Table, cfg: GenerationConfig, engine: ChatEngine
-) -> tuple[pa.Table, pa.Table, dict[str, float]]:
-    """The whole stage for one shard: (queries, rejects, stats with tokens and seconds)."""
+) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """The query half of the stage for one shard: (queries, rejects, stats)."""
     requests = build_query_requests(passages, cfg)
     if not requests:
         return QUERIES.empty_table(), REJECTS.empty_table(), {"requests": 0}
-    start = time.perf_counter()
-    completions = engine.chat_json(
-        [r["messages"] for r in requests],
+    outcomes, stats = run_with_retries(
+        requests,
+        engine,
         query_json_schema(cfg.max_query_chars),
         sampling_from(cfg),
-        [r["seed"] for r in requests],
+        lambda comp, req: check_query(comp, req["passage"], cfg),
+        cfg.retries,
+        cfg.retry_temperature,
     )
-    seconds = time.perf_counter() - start
-    queries, rejects = parse_query_outputs(
-        requests, completions, cfg, engine.backend, engine.model_name
+    queries, rejects = parse_query_outputs(requests, outcomes, engine)
+    stats["styles"] = dict(collections.Counter(queries["style"].to_pylist()))
+    return queries, rejects, stats
+
+
+# --- graded passages (generated negatives) ------------------------------------------------------
+
+
+def generated_passage_id(query_id: str, grade: int, text: str) -> str:
+    """Ids of written passages start with `gen-`: they never collide with corpus passages."""
+    key = f"{query_id}|{grade}|{text}"
+    return "gen-" + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def build_passage_requests(
+    queries: pa.Table, positives: dict[str, str], cfg: GenerationConfig, grading: GradingConfig
+) -> list[dict[str, Any]]:
+    """One request per (query, level in `negative_levels`), with the positive shown as the
+    reference of what fully answers the query."""
+    requests = []
+    for row in queries.select(["query_id", "passage_id", "query"]).to_pylist():
+        positive = positives[row["passage_id"]]
+        for level in cfg.negative_levels:
+            requests.append(
+                {
+                    "query_id": row["query_id"],
+                    "positive": positive,
+                    "grade": level,
+                    "prompt_version": PASSAGE_PROMPT.version,
+                    "messages": PASSAGE_PROMPT.messages(
+                        row["query"],
+                        level,
+                        grading.levels[level],
+                        positive[: cfg.max_passage_chars],
+                    ),
+                    "seed": request_seed(cfg.seed, row["query_id"], "level", str(level)),
+                }
+            )
+    return requests
+
+
+def check_passage(
+    completion: Completion, positive: str, cfg: GenerationConfig
+) -> tuple[str | None, str | None, str]:
+    """(reason, detail, passage) for one written passage; reason None means it is kept."""
+    if completion.finish_reason == "length":
+        return "truncated", f"hit max_passage_tokens={cfg.max_passage_tokens}", ""
+    try:
+        obj = json.loads(completion.text)
+    except json.JSONDecodeError as e:
+        return "invalid_json", str(e), ""
+    if not isinstance(obj, dict) or not isinstance(obj.get("passage"), str):
+        return "schema_mismatch", 'expected {"passage": string}', ""
+    text = " ".join(obj["passage"].split())
+    if not text:
+        return "empty_passage", None, ""
+    if len(text) < MIN_PASSAGE_CHARS:
+        return "too_short", f"{len(text)} < {MIN_PASSAGE_CHARS} chars", text
+    # A written "negative" that repeats the positive is a false negative by construction.
+    ratio = copy_ratio(text, positive)
+    if len(_words(text)) >= 4 and ratio >= cfg.max_copy_ratio:
+        return "copies_positive", f"copy ratio {ratio:.2f} >= {cfg.max_copy_ratio}", text
+    if cfg.same_script and not same_script(text, positive):
+        return "wrong_language", f"{dominant_script(text)} vs {dominant_script(positive)}", text
+    return None, None, text
+
+
+def generate_passages(
+    queries: pa.Table,
+    positives: dict[str, str],
+    cfg: GenerationConfig,
+    grading: GradingConfig,
+    engine: ChatEngine,
+) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """Graded passages written for each query at `cfg.negative_levels`: (generated, rejects,
+    stats). Rejects carry stage `generate_passages` and the query_id as source."""
+    requests = build_passage_requests(queries, positives, cfg, grading)
+    if not requests:
+        return GENERATED.empty_table(), REJECTS.empty_table(), {"requests": 0}
+    schema = passage_json_schema(MAX_PASSAGE_CHARS)
+    sampling = SamplingSettings(cfg.max_passage_tokens, cfg.temperature, cfg.top_p)
+    outcomes, stats = run_with_retries(
+        requests,
+        engine,
+        schema,
+        sampling,
+        lambda comp, req: check_passage(comp, req["positive"], cfg),
+        cfg.retries,
+        cfg.retry_temperature,
     )
-    tokens = sum(c.output_tokens for c in completions)
+    rows, rejects = [], []
+    for req, o in zip(requests, outcomes, strict=True):
+        if o.reason is not None:
+            rejects.append(_reject_row(PASSAGE_STAGE, req["query_id"], f"grade={req['grade']}", o))
+            continue
+        rows.append(
+            {
+                "passage_id": generated_passage_id(req["query_id"], req["grade"], o.value),
+                "query_id": req["query_id"],
+                "text": o.value,
+                "grade": req["grade"],
+                **_provenance(o, engine, req["prompt_version"]),
+            }
+        )
+    stats["grades"] = dict(collections.Counter(str(r["grade"]) for r in rows))
     return (
-        queries,
-        rejects,
-        {
-            "requests": len(requests),
-            "output_tokens": tokens,
-            "generate_seconds": seconds,
-        },
+        pa.Table.from_pylist(rows, schema=GENERATED),
+        pa.Table.from_pylist(rejects, schema=REJECTS),
+        stats,
     )
 
 

@@ -47,6 +47,19 @@ def _merge_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def _judge_totals(per_shard: list[dict[str, Any]]) -> dict[str, Any]:
+    """The judge's work over all mine shards: judged, verdicts, tokens, engine seconds."""
+    shards = [j for j in per_shard if j]
+    if not shards:
+        return {}
+    return {
+        "judged": sum(j.get("judged", 0) for j in shards),
+        "verdicts": _merge_counts([j.get("verdicts", {}) for j in shards]),
+        "output_tokens": sum(j.get("output_tokens", 0) for j in shards),
+        "engine_seconds": round(sum(j.get("generate_seconds", 0.0) for j in shards), 3),
+    }
+
+
 def _relative(info: ShardInfo, run_dir: Path) -> ShardInfo:
     path = Path(info.path)
     rel = path.relative_to(run_dir) if path.is_absolute() and path.is_relative_to(run_dir) else path
@@ -114,8 +127,35 @@ def build_manifest(
             "output_tokens": tokens,
             "engine_seconds": round(gen_seconds, 3),
             "tokens_per_second": round(tokens / gen_seconds, 1) if gen_seconds else None,
+            "styles": _merge_counts([g["queries"].stats.get("styles", {}) for g in generated]),
+            "first_attempt_reasons": _merge_counts(
+                [g["queries"].stats.get("first_attempt_reasons", {}) for g in generated]
+            ),
+            "retried": sum(g["queries"].stats.get("retried", 0) for g in generated),
+            "recovered": sum(g["queries"].stats.get("recovered", 0) for g in generated),
         },
     )
+
+    written = [g["generated"] for g in generated if g.get("generated") is not None]
+    written_rej = [g["generated_rejects"] for g in generated if g.get("generated_rejects")]
+    if written:
+        stages["generate_passages"] = StageCounts(
+            rows_in=sum(s.stats.get("requests", 0) for s in written),
+            rows_out=sum(s.rows for s in written),
+            rejected=sum(r.rows for r in written_rej),
+            skipped_shards=sum(g["skipped"] for g in generated),
+            extra={
+                "levels": cfg.generation.negative_levels,
+                "output_tokens": sum(s.stats.get("output_tokens", 0) for s in written),
+                "engine_seconds": round(
+                    sum(s.stats.get("generate_seconds", 0.0) for s in written), 3
+                ),
+                "grades": _merge_counts([s.stats.get("grades", {}) for s in written]),
+                "first_attempt_reasons": _merge_counts(
+                    [s.stats.get("first_attempt_reasons", {}) for s in written]
+                ),
+            },
+        )
 
     embedded_rows = sum(s.rows for shards in embedded.values() for s in shards)
     stages["embed"] = StageCounts(
@@ -136,7 +176,9 @@ def build_manifest(
         extra={
             "candidates": sum(s["candidates"] for s in mine_stats),
             "negatives_kept": sum(s["negatives_kept"] for s in mine_stats),
+            "mined_kept": sum(s.get("mined_kept", 0) for s in mine_stats),
             "filtered": _merge_counts([s["filtered"] for s in mine_stats]),
+            "judge": _judge_totals([s.get("judge", {}) for s in mine_stats]),
         },
     )
 
@@ -158,15 +200,18 @@ def build_manifest(
         "passages": deduped["passages"],
         "clusters": [deduped["clusters"]],
         "queries": [g["queries"] for g in generated],
+        "generated": written,
         "embeddings": [s for v in embedded.values() for s in v],
         "candidates": [m["candidates"] for m in mined],
         "triplets": assembled["triplets"],
         "pairs": [r["pairs"] for r in ingested if r.get("pairs") is not None],
-        "rejects": [r["rejects"] for r in ingested + generated + mined if r.get("rejects")],
+        "rejects": [r["rejects"] for r in ingested + generated + mined if r.get("rejects")]
+        + written_rej,
     }
     reject_reasons = {
         "ingest": _merge_counts([r["rejects"].stats.get("reasons", {}) for r in ingested]),
         "generate": _merge_counts([r.stats.get("reasons", {}) for r in gen_rejects]),
+        "generate_passages": _merge_counts([r.stats.get("reasons", {}) for r in written_rej]),
         "mine": _merge_counts([m["rejects"].stats.get("reasons", {}) for m in mined]),
     }
     return Manifest(
@@ -199,6 +244,7 @@ DATA_FOLDERS = (
     "passages",
     "clusters",
     "queries",
+    "generated",
     "embeddings",
     "candidates",
     "triplets",

@@ -16,13 +16,15 @@ and documented alone; the order is the one in `schemas.config.MiningConfig`:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from schemas.config import MiningConfig
+from schemas.config import JudgeConfig, MiningConfig
 from schemas.tables import CANDIDATES, REJECTS
 from tasks.dedup import jaccard, shingle_sets
 
@@ -32,8 +34,9 @@ STAGE = "mine"
 @dataclass
 class MiningResult:
     candidates: pa.Table  # every retrieved candidate with kept/reason
-    rejects: pa.Table  # queries left with too few negatives
+    rejects: pa.Table  # queries rejected (failed_consistency, too_few_negatives)
     queries_kept: int
+    judge_stats: dict[str, Any] = field(default_factory=dict)
 
 
 def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +222,24 @@ def label_candidates(
     known_positives: pl.DataFrame | None = None,
     query_text: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """Add rank, kept and reason to every candidate (see module docstring for the order).
+    """`filter_candidates`, then `select_negatives`: every candidate gets rank, kept, reason."""
+    return select_negatives(
+        filter_candidates(cands, clusters, cfg, texts, shingle_size, known_positives, query_text),
+        cfg,
+    )
+
+
+def filter_candidates(
+    cands: pl.DataFrame,
+    clusters: pl.DataFrame,
+    cfg: MiningConfig,
+    texts: dict[str, str] | None = None,
+    shingle_size: int = 3,
+    known_positives: pl.DataFrame | None = None,
+    query_text: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Add rank and the first cheap rule that removes each candidate (`reason`, null for a
+    survivor); see the module docstring for the order.
 
     `texts` must hold the text of every clustered passage (to measure siblings against the
     positive); `known_positives` (query, passage_id) with `query_text` (query_id, query) mark a
@@ -268,7 +288,12 @@ def label_candidates(
         ]
     )
     df = df.with_columns(pl.coalesce("reason", score_rules).alias("reason"))
-    return select_negatives(df, cfg)
+    # The round-trip rank of the positive: 1 + eligible passages scoring above it (its copies
+    # and other known positives are not eligible, so they do not push it down).
+    above = (pl.col("rank").is_not_null() & (pl.col("score") > pl.col("positive_score"))).cast(
+        pl.Int32
+    )
+    return df.with_columns((above.sum().over("query_id") + 1).alias("positive_rank"))
 
 
 def select_negatives(df: pl.DataFrame, cfg: MiningConfig) -> pl.DataFrame:
@@ -300,6 +325,99 @@ def _stable_hash(keys: pl.Series) -> pl.Series:
     )
 
 
+Judge = Callable[[pl.DataFrame], pl.DataFrame]
+
+
+@dataclass
+class JudgeStep:
+    """The optional LLM judge: `judge` maps (query_id, passage_id) rows to `tasks.judge.JUDGED`
+    rows; which candidates reach it is decided here from `cfg`."""
+
+    judge: Judge
+    cfg: JudgeConfig
+    on_false_negative: str = "relabel"
+
+
+def judge_selection(df: pl.DataFrame, cfg: JudgeConfig) -> pl.DataFrame:
+    """(query_id, passage_id) of the survivors to judge: in the uncertain band, looser siblings
+    of the positive, or all (`scope`), hardest first, at most `max_per_query` per query."""
+    survivor = pl.col("reason").is_null()
+    if cfg.scope == "all":
+        wanted = survivor
+    else:
+        wanted = survivor & (pl.col("score") >= cfg.band_min_ratio * pl.col("positive_score"))
+        if cfg.siblings:
+            wanted = wanted | (survivor & pl.col("cluster_similarity").is_not_null())
+    return (
+        df.filter(wanted)
+        .sort(["query_id", "rank"])
+        .group_by("query_id", maintain_order=True)
+        .head(cfg.max_per_query)
+        .select("query_id", "passage_id")
+    )
+
+
+def apply_verdicts(df: pl.DataFrame, judged: pl.DataFrame, on_false_negative: str) -> pl.DataFrame:
+    """Join the judge's grade/verdict/reason; a false negative is relabelled (or dropped), an
+    unsure one dropped, a true negative stays a survivor with its grade."""
+    df = df.drop("grade", "verdict", "judge_reason", strict=False).join(
+        judged, on=["query_id", "passage_id"], how="left"
+    )
+    fn_reason = "relabeled_positive" if on_false_negative == "relabel" else "judged_false_negative"
+    return df.with_columns(
+        pl.when(pl.col("reason").is_null() & (pl.col("verdict") == "false_negative"))
+        .then(pl.lit(fn_reason))
+        .when(pl.col("reason").is_null() & (pl.col("verdict") == "unsure"))
+        .then(pl.lit("judged_unsure"))
+        .otherwise(pl.col("reason"))
+        .alias("reason")
+    )
+
+
+def _query_rejects(short: pl.DataFrame, reason: str, detail: pl.Expr) -> pl.DataFrame:
+    return short.select(
+        pl.lit(STAGE).alias("stage"),
+        pl.col("query_id").alias("source"),
+        pl.lit(None, dtype=pl.Int64).alias("row"),
+        pl.lit(reason).alias("reason"),
+        detail.alias("detail"),
+        pl.lit(None, dtype=pl.String).alias("raw"),
+    )
+
+
+def _drop_queries(df: pl.DataFrame, query_ids: pl.Series, reason: str) -> pl.DataFrame:
+    """Candidates of rejected queries lose every survivor (the query reaches no triplet)."""
+    return df.with_columns(
+        pl.when(pl.col("reason").is_null() & pl.col("query_id").is_in(query_ids.implode()))
+        .then(pl.lit(reason))
+        .otherwise(pl.col("reason"))
+        .alias("reason")
+    )
+
+
+def generated_candidates(
+    generated: pa.Table,
+    generated_vectors: np.ndarray,
+    query_ids: list[str],
+    query_vectors: np.ndarray,
+    positives: pl.DataFrame,
+) -> pl.DataFrame:
+    """Passages the LLM wrote for these queries, scored against their query like mined ones."""
+    row_of = {q: i for i, q in enumerate(query_ids)}
+    gen = pl.from_arrow(generated.select(["query_id", "passage_id", "grade"])).filter(
+        pl.col("query_id").is_in(pl.Series(query_ids).implode())
+    )
+    if gen.is_empty():
+        return gen
+    gen_row = {p: i for i, p in enumerate(generated.column("passage_id").to_pylist())}
+    q_rows = np.array([row_of[q] for q in gen["query_id"]], dtype=np.int64)
+    g_rows = np.array([gen_row[p] for p in gen["passage_id"]], dtype=np.int64)
+    scores = np.einsum("ij,ij->i", query_vectors[q_rows], generated_vectors[g_rows])
+    return gen.with_columns(pl.Series("score", scores.astype(np.float32))).join(
+        positives, on="query_id", how="left"
+    )
+
+
 def mine_negatives(
     queries: pa.Table,
     query_vectors: np.ndarray,
@@ -310,12 +428,21 @@ def mine_negatives(
     texts: dict[str, str] | None = None,
     shingle_size: int = 3,
     known_positives: pl.DataFrame | None = None,
+    *,
+    consistency_top_k: int | None = None,
+    judge: JudgeStep | None = None,
+    generated: pa.Table | None = None,
+    generated_vectors: np.ndarray | None = None,
 ) -> MiningResult:
     """The whole stage for one shard of queries (query_id, passage_id = positive).
 
     `texts`: text of every clustered passage in the corpus (see `label_candidates`);
     `known_positives`: (query, passage_id) of every known positive of every query text
-    (`tasks.pairs.positives_by_query`); `queries` then needs its `query` column."""
+    (`tasks.pairs.positives_by_query`); `queries` then needs its `query` column.
+    Then, in this order: queries whose positive ranks below `consistency_top_k` are rejected
+    (round-trip filter); the `judge` sees the survivors it selects; `num_negatives` are kept;
+    passages the LLM wrote for the query (`generated`, with `generated_vectors`) are added as
+    graded negatives; queries left with fewer than `min_negatives` are rejected."""
     qids = queries.column("query_id").to_pylist()
     pids = queries.column("passage_id").to_pylist()
     cluster_df = pl.from_arrow(clusters.select(["passage_id", "cluster_id"]))
@@ -346,46 +473,84 @@ def mine_negatives(
         ann=use_ann(cfg, len(corpus_ids)),
         ef_search=cfg.ann_ef_search,
     )
-    labelled = label_candidates(
-        cands, cluster_df, cfg, texts, shingle_size, known_positives, query_text
+    df = filter_candidates(cands, cluster_df, cfg, texts, shingle_size, known_positives, query_text)
+    df = df.with_columns(
+        pl.lit(None, dtype=pl.Int8).alias("grade"),
+        pl.lit(None, dtype=pl.String).alias("verdict"),
+        pl.lit(None, dtype=pl.String).alias("judge_reason"),
     )
-    kept_per_query = labelled.group_by("query_id").agg(pl.col("kept").sum().alias("n"))
+    rejects = []
+    if consistency_top_k is not None:
+        ranks = df.group_by("query_id").agg(pl.col("positive_rank").first())
+        failed = ranks.filter(pl.col("positive_rank") > consistency_top_k)
+        rejects.append(
+            _query_rejects(
+                failed,
+                "failed_consistency",
+                pl.format(
+                    "source passage ranked {} > top {}",
+                    pl.col("positive_rank"),
+                    pl.lit(consistency_top_k),
+                ),
+            )
+        )
+        df = _drop_queries(df, failed["query_id"], "failed_consistency")
+    judge_stats: dict[str, Any] = {}
+    if judge is not None:
+        todo = judge_selection(df, judge.cfg)
+        judged = judge.judge(todo)
+        judge_stats = {
+            "judged": judged.height,
+            "verdicts": dict(judged.group_by("verdict").len().iter_rows()),
+        }
+        df = apply_verdicts(df, judged, judge.on_false_negative)
+    df = select_negatives(df, cfg).with_columns(pl.lit("mined").alias("origin"))
+    df = df.select(CANDIDATES.names)
+    if generated is not None and generated.num_rows:
+        if generated_vectors is None:
+            raise ValueError("generated passages need their embeddings")
+        positives = df.group_by("query_id").agg(
+            pl.col("positive_score").first(), pl.col("positive_rank").first()
+        )
+        gen = generated_candidates(generated, generated_vectors, qids, query_vectors, positives)
+        if not gen.is_empty():
+            gen = gen.with_columns(
+                pl.lit("generated").alias("origin"),
+                pl.lit(None, dtype=pl.Int32).alias("rank"),
+                pl.lit(None, dtype=pl.Float32).alias("cluster_similarity"),
+                pl.lit(None, dtype=pl.String).alias("verdict"),
+                pl.lit(None, dtype=pl.String).alias("judge_reason"),
+                pl.lit(None, dtype=pl.String).alias("reason"),
+            )
+            dropped = df.filter(pl.col("reason") == "failed_consistency")["query_id"].unique()
+            gen = _drop_queries(gen, dropped, "failed_consistency")
+            gen = gen.with_columns(pl.col("reason").is_null().alias("kept"))
+            df = pl.concat([df, gen.select(CANDIDATES.names)], how="vertical_relaxed")
+    rejected = pl.concat(rejects)["source"] if rejects else pl.Series("source", [], dtype=pl.String)
+    kept_per_query = df.group_by("query_id").agg(pl.col("kept").sum().alias("n"))
     short = (
         pl.DataFrame({"query_id": qids}, schema={"query_id": pl.String})
+        .filter(~pl.col("query_id").is_in(rejected.implode()))
         .join(kept_per_query, on="query_id", how="left")
         .filter(pl.col("n").fill_null(0) < cfg.min_negatives)
     )
-    rejects = short.select(
-        pl.lit(STAGE).alias("stage"),
-        pl.col("query_id").alias("source"),
-        pl.lit(None, dtype=pl.Int64).alias("row"),
-        pl.lit("too_few_negatives").alias("reason"),
-        pl.format(
-            "{} kept < min_negatives {}", pl.col("n").fill_null(0), pl.lit(cfg.min_negatives)
-        ).alias("detail"),
-        pl.lit(None, dtype=pl.String).alias("raw"),
+    rejects.append(
+        _query_rejects(
+            short,
+            "too_few_negatives",
+            pl.format(
+                "{} kept < min_negatives {}", pl.col("n").fill_null(0), pl.lit(cfg.min_negatives)
+            ),
+        )
     )
     # A rejected query keeps none of its candidates: it must not reach the triplets.
-    labelled = labelled.with_columns(
-        pl.when(pl.col("kept") & pl.col("query_id").is_in(short["query_id"].implode()))
-        .then(pl.lit("too_few_negatives"))
-        .otherwise(pl.col("reason"))
-        .alias("reason")
-    ).with_columns(pl.col("reason").is_null().alias("kept"))
-    candidates = labelled.select(
-        "query_id",
-        "passage_id",
-        "score",
-        "positive_score",
-        "rank",
-        "cluster_similarity",
-        pl.lit("mined").alias("origin"),
-        pl.lit(None, dtype=pl.Int8).alias("grade"),
-        "kept",
-        "reason",
-    )
+    df = _drop_queries(df.drop("kept"), short["query_id"], "too_few_negatives")
+    df = df.with_columns(pl.col("reason").is_null().alias("kept"))
+    candidates = df.select(CANDIDATES.names)
+    all_rejects = pl.concat(rejects)
     return MiningResult(
         candidates.to_arrow().cast(CANDIDATES),
-        rejects.to_arrow().cast(REJECTS),
-        len(qids) - short.height,
+        all_rejects.to_arrow().cast(REJECTS),
+        len(qids) - all_rejects.height,
+        judge_stats,
     )

@@ -65,6 +65,7 @@ def queries_from_pairs(
             pl.lit(GIVEN).alias("prompt_version"),
             pl.lit("{}").alias("sampling"),
             pl.lit(0, dtype=pl.Int64).alias("seed"),
+            pl.lit(0, dtype=pl.Int8).alias("attempt"),
             pl.lit(0, dtype=pl.Int32).alias("output_tokens"),
         )
     )

@@ -3,6 +3,7 @@ the real engine is exercised in test_pipeline.py)."""
 
 import json
 
+import pyarrow.compute as pc
 import pytest
 
 from schemas.config import GenerationConfig
@@ -13,7 +14,8 @@ from tasks.generate import (
     build_query_requests,
     check_query,
     copy_ratio,
-    parse_query_outputs,
+    dominant_script,
+    generate_queries,
 )
 from tasks.prompts import PROMPTS
 from tests.helpers import passages
@@ -83,15 +85,41 @@ def test_copy_ratio():
     assert copy_ratio("", PASSAGE) == 0.0
 
 
-def test_parse_outputs_keeps_valid_and_rejects_the_rest_with_provenance():
+class ScriptedEngine:
+    """Returns canned outputs, one list per call, and records every call. For testing the
+    stage's request/retry/parse logic only; the real engines are tested with the real model."""
+
+    backend, model_name = "scripted", "scripted-model"
+
+    def __init__(self, *calls):
+        self.script = list(calls)
+        self.calls = []
+
+    def chat_json(self, conversations, schema, sampling, seeds):
+        self.calls.append(
+            {
+                "n": len(conversations),
+                "sampling": sampling,
+                "seeds": seeds,
+                "conversations": conversations,
+            }
+        )
+        outs = self.script.pop(0)
+        assert len(outs) == len(conversations)
+        return outs
+
+
+def test_stage_keeps_valid_rejects_the_rest_with_provenance():
     table = passages([PASSAGE])
-    reqs = build_query_requests(table, CFG)
-    outs = [
-        done({"query": "how is a heap ordered"}),
-        done("{oops"),
-        done({"query": "heap queue algorithm python"}),
-    ]
-    queries, rejects = parse_query_outputs(reqs, outs, CFG, "vllm", "SmolLM2")
+    engine = ScriptedEngine(
+        [
+            done({"query": "how is a heap ordered"}),
+            done("{oops"),
+            done({"query": "heap queue algorithm python"}),
+        ],
+        [done("{still broken")],
+    )
+    queries, rejects, stats = generate_queries(table, CFG, engine)
     assert queries.schema.equals(QUERIES) and rejects.schema.equals(REJECTS)
     assert queries.column("query").to_pylist() == [
         "how is a heap ordered",
@@ -99,11 +127,72 @@ def test_parse_outputs_keeps_valid_and_rejects_the_rest_with_provenance():
     ]
     assert queries.column("style").to_pylist() == ["question", "keywords"]
     assert set(queries.column("prompt_version").to_pylist()) == {"question-v1", "keywords-v1"}
+    assert set(queries.column("backend").to_pylist()) == {"scripted"}
+    assert set(queries.column("model").to_pylist()) == {"scripted-model"}
     assert json.loads(queries.column("sampling")[0].as_py())["max_tokens"] == CFG.max_tokens
+    assert queries.column("attempt").to_pylist() == [1, 1]
     assert rejects.column("reason").to_pylist() == ["invalid_json"]
+    assert "after 2 attempts" in rejects.column("detail")[0].as_py()
     assert rejects.column("source").to_pylist() == [table["passage_id"][0].as_py()]
-    with pytest.raises(ValueError, match="requests"):
-        parse_query_outputs(reqs, outs[:1], CFG, "vllm", "m")
+    assert stats["requests"] == 3 and stats["retried"] == 1 and stats["recovered"] == 0
+    assert stats["first_attempt_reasons"] == {"invalid_json": 1}
+    assert stats["output_tokens"] == 4 * 12
+
+
+def test_a_rejected_output_is_retried_once_with_a_new_seed_and_temperature():
+    table = passages([PASSAGE])
+    cfg = CFG.model_copy(update={"retry_temperature": 0.9})
+    engine = ScriptedEngine(
+        [done({"query": "heap"}), done({"query": "how is a heap ordered"}), done("{x")],
+        [done({"query": "what keeps a heap ordered"}), done({"query": "heapq module python"})],
+    )
+    queries, rejects, stats = generate_queries(table, cfg, engine)
+    assert rejects.num_rows == 0 and queries.num_rows == 3
+    assert engine.calls[1]["n"] == 2  # only the two rejected requests are asked again
+    assert engine.calls[1]["sampling"].temperature == 0.9
+    assert set(engine.calls[1]["seeds"]).isdisjoint(engine.calls[0]["seeds"])
+    retried = queries.filter(pc.equal(queries["attempt"], 2))
+    assert sorted(retried["query"].to_pylist()) == [
+        "heapq module python",
+        "what keeps a heap ordered",
+    ]
+    assert all(json.loads(s)["temperature"] == 0.9 for s in retried["sampling"].to_pylist())
+    assert stats["recovered"] == 2 and stats["first_attempt_reasons"] == {
+        "too_short": 1,
+        "invalid_json": 1,
+    }
+
+
+def test_no_retry_when_retries_is_zero():
+    table = passages([PASSAGE])
+    cfg = CFG.model_copy(update={"retries": 0, "styles": {"question": 1}})
+    engine = ScriptedEngine([done("{x")])
+    queries, rejects, _ = generate_queries(table, cfg, engine)
+    assert len(engine.calls) == 1 and queries.num_rows == 0
+    assert rejects["reason"].to_pylist() == ["invalid_json"]
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("как упорядочена куча в питоне", "wrong_language"),
+        ("ヒープはどのように並べられますか", "wrong_language"),
+        ("how is a heap ordered in python", None),
+        ("heapq 模块 how does it order items", None),  # mostly Latin letters
+        ("12345 678 90", None),  # no letters: nothing to compare
+    ],
+)
+def test_wrong_language_by_writing_system(text, reason):
+    got, _, _ = check_query(done({"query": text}), PASSAGE, CFG)
+    assert got == reason
+    off = CFG.model_copy(update={"same_script": False})
+    assert check_query(done({"query": text}), PASSAGE, off)[0] is None
+
+
+def test_dominant_script():
+    assert dominant_script("hello мир world") == "LATIN"
+    assert dominant_script("привет world") == "CYRILLIC"
+    assert dominant_script("...") is None
 
 
 def test_query_schema_is_a_closed_object():

@@ -38,7 +38,12 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(corpus, tmp_path_factory, model_workers, prefect_api):
-    cfg = tiny_config(tmp_path_factory.mktemp("run"), corpus)
+    cfg = tiny_config(
+        tmp_path_factory.mktemp("run"),
+        corpus,
+        generation={"negative_levels": [1]},
+        judge={"enabled": True},
+    )
     run_dir, doc = run_pipeline(cfg)
     return cfg, run_dir, doc
 
@@ -59,6 +64,16 @@ def test_counts_balance_and_are_recorded(first_run):
     assert st["generate"].rows_out >= 12, manifest.reject_reasons  # the small model is usable
     assert st["generate"].extra["output_tokens"] > 0
     assert st["mine"].rows_in == st["generate"].rows_out
+    # round-trip filter: every query that made it has its passage in the top 3
+    assert manifest.reject_reasons["mine"].get("failed_consistency", 0) < st["mine"].rows_in
+    # graded passages: one request per kept query and level
+    written = st["generate_passages"]
+    assert written.rows_in == st["generate"].rows_out
+    assert written.rows_out >= written.rows_in // 2, manifest.reject_reasons
+    # the judge saw the uncertain band only, and recorded what it decided
+    judge = st["mine"].extra["judge"]
+    assert 0 < judge["judged"] < st["mine"].extra["candidates"] // 4
+    assert sum(judge["verdicts"].values()) == judge["judged"]
     assert manifest.reject_reasons["ingest"] == {
         "null_text": 2,
         "text_not_string": 1,
@@ -103,13 +118,17 @@ def test_negatives_are_never_the_positive_or_a_copy_of_it(first_run):
     assert copies.height >= 1 and (copies["reason"] == "duplicate_of_positive").all()
     siblings = candidates.filter(pl.col("cluster_similarity") < 0.9)
     assert siblings.height >= 1 and (siblings["reason"] != "duplicate_of_positive").all()
-    # positive-aware filter: every kept negative scores below 95% of its positive
+    # positive-aware filter: every kept mined negative scores below 95% of its positive
+    mined = negs.filter(pl.col("origin") == "mined")
     assert (
-        negs["score"]
-        < MiningConfig().max_positive_ratio * triplets.explode("negatives")["positive_score"]
+        mined["score"]
+        < MiningConfig().max_positive_ratio
+        * triplets.explode("negatives").filter(
+            pl.col("negatives").struct.field("origin") == "mined"
+        )["positive_score"]
     ).all()
-    assert (triplets["negatives"].list.len() <= 3).all()
-    assert set(negs["origin"]) == {"mined"}
+    assert set(negs["origin"]) == {"mined", "generated"}
+    assert (triplets["positive_rank"] <= 3).all()
 
 
 def test_generated_queries_are_valid_and_traceable(first_run):
@@ -120,6 +139,36 @@ def test_generated_queries_are_valid_and_traceable(first_run):
     assert (queries["query"].str.len_chars() >= 8).all()
     assert set(queries["backend"]) == {"vllm"} and set(queries["prompt_version"]) == {"question-v1"}
     assert queries["query_id"].n_unique() == queries.height
+    assert set(queries["attempt"]) <= {1, 2}
+
+
+def test_graded_passages_and_judge_verdicts_are_valid_and_traceable(first_run):
+    cfg, run_dir, _ = first_run
+    written = pl.read_parquet(run_dir / "generated" / "*.parquet")
+    assert written.height > 0 and set(written["grade"]) == {1}
+    assert written["passage_id"].str.starts_with("gen-").all()
+    assert set(written["model"]) == {"SmolLM2-135M-Instruct"} and set(written["backend"]) == {
+        "vllm"
+    }
+    assert (written["text"].str.len_chars() >= 40).all()
+    queries = pl.read_parquet(run_dir / "queries" / "*.parquet")
+    assert written["query_id"].is_in(queries["query_id"].implode()).all()
+    candidates = pl.read_parquet(run_dir / "candidates" / "*.parquet")
+    judged = candidates.filter(pl.col("verdict").is_not_null())
+    assert judged.height > 0 and (judged["origin"] == "mined").all()
+    assert set(judged["verdict"]) <= {"true_negative", "false_negative", "unsure"}
+    assert judged["judge_reason"].is_not_null().all()
+    # judged: survivors of the cheap filters in the band, or looser siblings of the positive
+    in_band = judged["score"] >= cfg.judge.band_min_ratio * judged["positive_score"]
+    assert (in_band | judged["cluster_similarity"].is_not_null()).all()
+    for verdict, reason in [("false_negative", "relabeled_positive"), ("unsure", "judged_unsure")]:
+        assert (judged.filter(pl.col("verdict") == verdict)["reason"] == reason).all()
+    triplets = pl.read_parquet(run_dir / "triplets" / "*.parquet")
+    grades = triplets.explode("negatives").unnest("negatives")["grade"].drop_nulls()
+    assert grades.is_in(list(cfg.grading.levels)).all()
+    listwise = pl.read_parquet(run_dir / "exports" / "listwise" / "*.parquet")
+    assert listwise.height == triplets.height
+    assert (listwise["grades"].list.first() == cfg.grading.top).all()
 
 
 def test_duckdb_reads_the_output_and_cli_query_works(first_run):
