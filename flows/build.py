@@ -592,11 +592,18 @@ def assemble_task(
                 rows[split] = part.num_rows
         exports["listwise"] = {"rows": rows}
     splits = dict(collections.Counter(triplets.column("split").to_pylist()))
+    grades = collections.Counter(
+        f"{n['origin']}:{'ungraded' if n['grade'] is None else n['grade']}"
+        for negs in triplets.column("negatives").to_pylist()
+        for n in negs
+    )
     leakage = assemble.leakage_report(triplets, pq.read_table(clusters.path))
     return {
         "triplets": shards,
         "exports": exports,
         "splits": splits,
+        "grades": dict(sorted(grades.items())),
+        "extra_positives": sum(len(x) for x in triplets.column("extra_positives").to_pylist()),
         "leakage": leakage,
         "seconds": time.perf_counter() - start,
     }

@@ -82,7 +82,15 @@ def print_summary(run_dir: Path, doc: dict) -> None:
         console.print(f"queries: from the given pairs ({doc['stages']['generate']['rows_out']})")
     else:
         console.print(
-            f"generation: {gen['output_tokens']} output tokens, {gen['tokens_per_second']} tokens/s"
+            f"generation: {gen['output_tokens']} output tokens, "
+            f"{gen['tokens_per_second']} tokens/s; queries by style {gen.get('styles', {})}; retried {gen.get('retried', 0)}, "
+            f"recovered {gen.get('recovered', 0)}"
+        )
+    written = doc["stages"].get("generate_passages")
+    if written:
+        console.print(
+            f"graded passages written: {written['rows_out']} of {written['rows_in']} "
+            f"(by grade {written['extra']['grades']})"
         )
     dedup = doc["stages"]["dedup"]["extra"]
     console.print(
@@ -92,6 +100,21 @@ def print_summary(run_dir: Path, doc: dict) -> None:
         f"mining: {mine['candidates']} candidates, {mine['negatives_kept']} kept as negatives; "
         f"filtered: {mine['filtered']}"
     )
+    failed = doc["reject_reasons"].get("mine", {}).get("failed_consistency", 0)
+    mined_in = doc["stages"]["mine"]["rows_in"]
+    if gen.get("source") != "pairs" and mined_in:
+        console.print(
+            f"round-trip filter: {mined_in - failed} of {mined_in} queries kept "
+            f"({(mined_in - failed) / mined_in:.0%})"
+        )
+    judge = mine.get("judge") or {}
+    if judge:
+        console.print(
+            f"LLM judge: {judge['judged']} negatives judged, verdicts {judge['verdicts']}, "
+            f"{judge['engine_seconds']:.1f} s of LLM time"
+        )
+    if asm.get("grades"):
+        console.print(f"negatives in triplets by origin and grade: {asm['grades']}")
     console.print(f"splits: {asm['splits']}   cross-split leakage: {asm['leakage']}")
     console.print(f"rejects by reason: {doc['reject_reasons']}")
     console.print(f"total {doc['timings']['total']:.1f} s")

@@ -174,7 +174,7 @@ class GenerationConfig(_Section):
         description="Relevance levels (keys of grading.levels) at which the LLM writes one "
         "passage per query; written passages become graded negatives. Empty: off.",
     )
-    max_passage_tokens: int = Field(default=160, ge=16, description="For a written passage.")
+    max_passage_tokens: int = Field(default=256, ge=16, description="For a written passage.")
 
     @field_validator("styles")
     @classmethod

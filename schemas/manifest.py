@@ -28,7 +28,10 @@ class StageCounts(BaseModel):
 
     @property
     def balanced(self) -> bool:
-        return self.rows_in == self.rows_out + self.rejected + self.deduplicated
+        counts = (self.rows_in, self.rows_out, self.rejected, self.deduplicated)
+        return (
+            min(counts) >= 0 and self.rows_in == self.rows_out + self.rejected + self.deduplicated
+        )
 
 
 class Manifest(BaseModel):

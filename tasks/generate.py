@@ -474,12 +474,25 @@ class VLLMEngine:
             "enforce_eager": self.llm_cfg.enforce_eager,
             "seed": self.seed,
         }
-        if self.llm_cfg.device != "cpu":
+        if self._on_cpu():
+            # vLLM CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded,
+            # sampled request is prefilled in chunks: it rewinds the torch generator, which a
+            # CPU generator cannot do. Without chunked prefill no prompt is split.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(self.llm_cfg.max_model_len, 4096)
+        else:
             kwargs["gpu_memory_utilization"] = self.llm_cfg.gpu_memory_utilization
         start = time.perf_counter()
         self._llm = LLM(**kwargs)
         self.load_seconds = time.perf_counter() - start
         log.info("vLLM engine for %s loaded in %.1f s", self.model_name, self.load_seconds)
+
+    def _on_cpu(self) -> bool:
+        if self.llm_cfg.device != "auto":
+            return self.llm_cfg.device == "cpu"
+        import torch
+
+        return not torch.cuda.is_available()
 
     def chat_json(
         self,

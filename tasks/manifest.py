@@ -143,6 +143,7 @@ def build_manifest(
             rows_in=sum(s.stats.get("requests", 0) for s in written),
             rows_out=sum(s.rows for s in written),
             rejected=sum(r.rows for r in written_rej),
+            seconds=sum(s.stats.get("generate_seconds", 0.0) for s in written),
             skipped_shards=sum(g["skipped"] for g in generated),
             extra={
                 "levels": cfg.generation.negative_levels,
@@ -190,6 +191,8 @@ def build_manifest(
         seconds=wall.get("assemble", 0.0),
         extra={
             "splits": assembled["splits"],
+            "grades": assembled.get("grades", {}),
+            "extra_positives": assembled.get("extra_positives", 0),
             "leakage": assembled["leakage"],
             "exports": assembled["exports"],
         },

@@ -480,6 +480,7 @@ def mine_negatives(
         pl.lit(None, dtype=pl.String).alias("judge_reason"),
     )
     rejects = []
+    failed_ids = pl.Series("query_id", [], dtype=pl.String)
     if consistency_top_k is not None:
         ranks = df.group_by("query_id").agg(pl.col("positive_rank").first())
         failed = ranks.filter(pl.col("positive_rank") > consistency_top_k)
@@ -494,7 +495,8 @@ def mine_negatives(
                 ),
             )
         )
-        df = _drop_queries(df, failed["query_id"], "failed_consistency")
+        failed_ids = failed["query_id"]
+        df = _drop_queries(df, failed_ids, "failed_consistency")
     judge_stats: dict[str, Any] = {}
     if judge is not None:
         todo = judge_selection(df, judge.cfg)
@@ -522,8 +524,7 @@ def mine_negatives(
                 pl.lit(None, dtype=pl.String).alias("judge_reason"),
                 pl.lit(None, dtype=pl.String).alias("reason"),
             )
-            dropped = df.filter(pl.col("reason") == "failed_consistency")["query_id"].unique()
-            gen = _drop_queries(gen, dropped, "failed_consistency")
+            gen = _drop_queries(gen, failed_ids, "failed_consistency")
             gen = gen.with_columns(pl.col("reason").is_null().alias("kept"))
             df = pl.concat([df, gen.select(CANDIDATES.names)], how="vertical_relaxed")
     rejected = pl.concat(rejects)["source"] if rejects else pl.Series("source", [], dtype=pl.String)

@@ -118,7 +118,7 @@ assert set(PROMPTS) == set(QUERY_STYLES), "every style in schemas.llm needs a pr
 class PassagePrompt:
     """Writes a passage at a given relevance level to a query (graded negatives)."""
 
-    version: str = "graded-passage-v1"
+    version: str = "graded-passage-v2"
 
     def messages(
         self, query: str, level: int, definition: str, positive: str
@@ -131,8 +131,9 @@ class PassagePrompt:
         user = (
             f"Query: {query}\n\n"
             f"A passage that fully answers it:\n{positive}\n\n"
-            f"Write a new passage of 2 to 4 sentences that {definition} (relevance level "
-            f"{level}). Write it like a documentation paragraph; do not copy the passage above."
+            f"Write a new passage of 2 or 3 short sentences (under 60 words) that {definition} "
+            f"(relevance level {level}). Write it like a documentation paragraph; do not copy "
+            "the passage above."
         )
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 

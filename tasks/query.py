@@ -12,6 +12,7 @@ VIEWS: dict[str, str] = {
     "rejects": "rejects/*.parquet",
     "clusters": "clusters/*.parquet",
     "queries": "queries/*.parquet",
+    "generated": "generated/*.parquet",
     "candidates": "candidates/*.parquet",
     "triplets": "triplets/*.parquet",
 }

@@ -29,6 +29,13 @@ STYLE = (
     "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
     "td,th{border:1px solid #ccc;padding:.2em .5em;font-size:.9em}table{border-collapse:collapse}"
 )
+VERDICT_SQL = """
+SELECT verdict || ' (grade ' || coalesce(CAST(grade AS VARCHAR), '?') || ')' AS verdict, count(*)
+FROM candidates WHERE verdict IS NOT NULL GROUP BY 1 ORDER BY 2 DESC
+"""
+STYLE_SQL = """
+SELECT style, count(*) AS n FROM queries GROUP BY 1 ORDER BY 2 DESC
+"""
 GRADE_SQL = """
 SELECT coalesce(CAST(n.grade AS VARCHAR), 'ungraded') AS grade, n.origin, count(*) AS n
 FROM (SELECT unnest(negatives) AS n FROM triplets) GROUP BY ALL ORDER BY 1, 2
@@ -107,6 +114,11 @@ def build_report(run_dir: str | Path) -> Path:
             plots["grades"] = _bar(
                 [(f"grade {g} / {o}", n) for g, o, n in grades], "negatives by grade and origin"
             )
+            verdicts = con.execute(VERDICT_SQL).fetchall()
+            if verdicts:
+                plots["judge_verdicts"] = _bar(verdicts, "LLM judge verdicts on mined negatives")
+        if "queries" in views:
+            plots["query_styles"] = _bar(con.execute(STYLE_SQL).fetchall(), "queries by style")
         rejects = con.execute(REJECT_SQL).fetchall() if "rejects" in views else []
         if rejects:
             plots["rejects"] = _bar(rejects, "rejected rows by stage and reason")

@@ -172,6 +172,20 @@ def test_consistency_filter_boundary(top_k, kept):
         assert not df["kept"].any()
 
 
+def test_a_rejected_query_keeps_none_of_its_written_passages():
+    # every mined candidate of the query is removed by a cheap rule before it fails the filter
+    generated = pa.Table.from_pylist([written_row("gen-a", "q", 1)], schema=GENERATED)
+    df, result = mine(
+        [0.5, 0.9],
+        MiningConfig(max_positive_ratio=0.95),
+        consistency_top_k=1,
+        generated=generated,
+        generated_vectors=corpus_with_scores([0.3]),
+    )
+    assert result.queries_kept == 0 and not df["kept"].any()
+    assert reason_of(df, "gen-a") == "failed_consistency"
+
+
 def test_consistency_rejected_query_is_not_judged():
     seen: list[str] = []
     step = JudgeStep(scripted_judge({}, seen), JudgeConfig(enabled=True, scope="all"))
@@ -182,6 +196,22 @@ def test_consistency_rejected_query_is_not_judged():
 
 
 # --- graded passages -----------------------------------------------------------------------------
+
+
+def written_row(pid, qid, grade):
+    return {
+        "passage_id": pid,
+        "query_id": qid,
+        "text": "t",
+        "grade": grade,
+        "model": "m",
+        "backend": "b",
+        "prompt_version": "p",
+        "sampling": "{}",
+        "seed": 1,
+        "attempt": 1,
+        "output_tokens": 3,
+    }
 
 
 def test_generated_passages_become_graded_candidates_with_scores():
