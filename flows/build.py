@@ -261,6 +261,39 @@ def dedup_task(ingested: list[ShardInfo], cfg: PipelineConfig, run_dir: str) -> 
     return {"passages": shards, "clusters": clusters, "skipped": False, "seconds": seconds}
 
 
+@task(name="semantic_dedup", cache_policy=NO_CACHE)
+def semantic_task(
+    clusters: ShardInfo,
+    passages: list[ShardInfo],
+    passage_embs: list[ShardInfo],
+    cfg: PipelineConfig,
+    run_dir: str,
+) -> ShardInfo:
+    """Clusters with semantic (embedding cosine) edges added; see `dedup.semantic_clusters`."""
+    fp = fingerprint(
+        "semantic",
+        clusters.sha256,
+        [s.sha256 for s in passages + passage_embs],
+        cfg.dedup.model_dump(mode="json"),
+    )
+    out = Path(run_dir) / "clusters" / "clusters-semantic.parquet"
+    done = existing_shard(out, fp)
+    if done is not None:
+        return done
+    ids, vectors = embed.table_to_matrix(read_tables([s.path for s in passage_embs]))
+    table = dedup.semantic_clusters(
+        pq.read_table(clusters.path),
+        read_tables([s.path for s in passages], PASSAGES),
+        ids,
+        vectors,
+        cfg.dedup.semantic_threshold,
+        cfg.dedup.semantic_neighbours,
+    )
+    kinds = dict(collections.Counter(table.column("kind").to_pylist()))
+    stats = {"clusters": len(set(table.column("cluster_id").to_pylist())), "cluster_kinds": kinds}
+    return write_parquet_atomic(table, out, fp, CLUSTERS, stats)
+
+
 class _ActorEngine:
     """A ChatEngine that forwards to the long-lived LLM worker actor."""
 
@@ -389,7 +422,7 @@ def _mine_outputs(
         clusters.sha256,
         [s.sha256 for s in generated] if generated else None,
         cfg.mining.model_dump(mode="json"),
-        cfg.dedup.shingle_size,
+        cfg.dedup.model_dump(mode="json"),
         _consistency_top_k(cfg),
         cfg.judge.model_dump(mode="json"),
         cfg.grading.model_dump(mode="json") if cfg.judge.enabled else None,
@@ -438,6 +471,17 @@ def _judge_step(
     return mine.JudgeStep(run, cfg.judge, cfg.judge.on_false_negative), collected
 
 
+def _rescorer(cfg: PipelineConfig, name: str, passages: list[ShardInfo]) -> tuple[Any, Any]:
+    """(score function, passage-text lookup) over the cross-encoder worker `name`."""
+    actor = ray.get_actor(name, namespace=runtime.NAMESPACE)
+
+    def score(queries: list[str], texts: list[str]) -> Any:
+        ref = actor.predict.remote(queries, texts, cfg.mining.rescore_batch_size)
+        return ray.get(ref, timeout=cfg.runtime.task_timeout_s)
+
+    return score, lambda ids: _passage_texts(passages, ids)
+
+
 @task(name="mine", cache_policy=NO_CACHE)
 def mine_task(
     queries: ShardInfo,
@@ -451,6 +495,7 @@ def mine_task(
     index: int,
     cfg: PipelineConfig,
     run_dir: str,
+    rescore_name: str | None = None,
 ) -> dict[str, Any]:
     """Mine, filter and (optionally) judge negatives for one query shard; `generated` is its
     (written passages, their embeddings) when the LLM wrote graded passages."""
@@ -496,6 +541,8 @@ def mine_task(
         _passage_texts(passages, cluster_table["passage_id"].to_pylist()),
         cfg.dedup.shingle_size,
         known,
+        semantic_threshold=cfg.dedup.semantic_threshold if cfg.dedup.semantic else None,
+        rescore=_rescorer(cfg, rescore_name, passages) if rescore_name else None,
         consistency_top_k=_consistency_top_k(cfg),
         judge=judge_step,
         generated=gen_table,
@@ -771,6 +818,14 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         generated_embs = [r["embeddings"] for r in embedded_g]
         embed_skipped = sum(r["skipped"] for r in embedded + embedded_q + embedded_g)
         wall["embed"] = time.perf_counter() - t0
+        if cfg.dedup.semantic:
+            progress.info("semantic dedup")
+            t0 = time.perf_counter()
+            clusters = semantic_task.submit(
+                clusters, passage_shards, passage_embs, cfg, run_dir
+            ).result(timeout=timeout)
+            deduped["semantic"] = clusters
+            wall["semantic_dedup"] = time.perf_counter() - t0
 
         mine_args = [
             (
@@ -794,10 +849,18 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
                 progress.info("loading the LLM for the judge")
                 llm = runtime.llm_worker(cfg, start=True)
                 workers.append(llm)
+        rescore_name = None
+        if cfg.mining.rescore_model_path:
+            rescorer = runtime.rescore_worker(cfg)
+            workers.append(rescorer)
+            rescore_name = rescorer.name
         t0 = time.perf_counter()
         llm_name = llm.name if llm is not None and llm.actor is not None else None
         mined = _results(
-            [mine_task.submit(*a[:7], llm_name, a[7], cfg, run_dir) for a in mine_args],
+            [
+                mine_task.submit(*a[:7], llm_name, a[7], cfg, run_dir, rescore_name)
+                for a in mine_args
+            ],
             timeout,
             "mine",
         )

@@ -83,8 +83,8 @@ def print_summary(run_dir: Path, doc: dict) -> None:
     else:
         console.print(
             f"generation: {gen['output_tokens']} output tokens, "
-            f"{gen['tokens_per_second']} tokens/s; queries by style {gen.get('styles', {})}; retried {gen.get('retried', 0)}, "
-            f"recovered {gen.get('recovered', 0)}"
+            f"{gen['tokens_per_second']} tokens/s; queries by style {gen.get('styles', {})}; "
+            f"retried {gen.get('retried', 0)}, recovered {gen.get('recovered', 0)}"
         )
     written = doc["stages"].get("generate_passages")
     if written:

@@ -129,6 +129,39 @@ class EmbedWorker:
         self.embedder = None  # type: ignore[assignment]
 
 
+class RescoreWorker:
+    """Ray actor holding one sentence-transformers CrossEncoder (the mining rescoring hook)."""
+
+    def __init__(self, model_path: str, device: str, threads: int):
+        import time
+
+        import torch
+        from sentence_transformers import CrossEncoder
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        self.model = CrossEncoder(model_path, device=device, local_files_only=True)
+        self.load_seconds = time.perf_counter() - start
+
+    def info(self) -> dict[str, Any]:
+        return {"load_seconds": self.load_seconds}
+
+    def predict(self, queries: list[str], passages: list[str], batch_size: int) -> np.ndarray:
+        if not queries:
+            return np.zeros(0, dtype=np.float32)
+        scores = self.model.predict(
+            list(zip(queries, passages, strict=True)),
+            batch_size=batch_size,
+            show_progress_bar=False,
+            convert_to_numpy=True,
+        )
+        return np.asarray(scores, dtype=np.float32).reshape(len(queries), -1)[:, 0]
+
+    def shutdown(self) -> None:
+        self.model = None
+
+
 @dataclass
 class WorkerHandle:
     name: str
@@ -207,6 +240,31 @@ def embed_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
         start,
     )
     return WorkerHandle(name, actor, created, cfg.embedding.model_name, path, device)
+
+
+def rescore_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
+    """The cross-encoder of `mining.rescore_model_path`, loaded once for every mine shard."""
+    path = cfg.mining.rescore_model_path
+    if path is None:
+        raise ValueError("mining.rescore_model_path is not set")
+    device = pick_device(cfg.embedding.device)
+    name = _actor_name("rescore", {"path": path, "device": device})
+    cpus = cluster_cpus()
+    options: dict[str, Any] = {
+        "num_cpus": 0,
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cpus), "HF_HUB_OFFLINE": "1"}},
+    }
+    if device == "cuda":
+        options["num_gpus"] = EMBED_GPU_SHARE
+    actor, created = _get_or_create(
+        RescoreWorker,
+        name,
+        options,
+        (path, device, cpus if device == "cpu" else 0),
+        cfg.runtime.task_timeout_s,
+        start,
+    )
+    return WorkerHandle(name, actor, created, os.path.basename(path.rstrip("/")), path, device)
 
 
 def shutdown_worker(handle: WorkerHandle, timeout_s: float = 120) -> None:

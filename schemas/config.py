@@ -75,6 +75,13 @@ class DedupConfig(_Section):
         default=0.7, gt=0, le=1, description="Verified Jaccard that makes two passages siblings."
     )
     seed: int = 42
+    semantic: bool = Field(
+        default=False,
+        description="Also cluster passages whose embedding cosine >= semantic_threshold "
+        "(after embedding); mining never makes one a negative of a positive it paraphrases.",
+    )
+    semantic_threshold: float = Field(default=0.95, gt=0, le=1)
+    semantic_neighbours: int = Field(default=10, ge=1, description="k-NN depth of the search.")
 
     @model_validator(mode="after")
     def _bands(self) -> DedupConfig:
@@ -286,6 +293,13 @@ class MiningConfig(_Section):
     # an HNSW index took 25 s: ANN pays off only for far larger corpora.
     ann_min_corpus: int = Field(default=1_000_000, ge=1)
     ann_ef_search: int = Field(default=128, ge=16)
+    rescore_model_path: str | None = Field(
+        default=None,
+        description="A sentence-transformers CrossEncoder folder: retrieved candidates and the "
+        "positive are rescored with it and every score rule then uses its scores (as "
+        "sentence-transformers' mine_hard_negatives does with cross_encoder).",
+    )
+    rescore_batch_size: int = Field(default=32, ge=1)
     exclude_duplicate_clusters: bool = True
     duplicate_similarity: float = Field(
         default=0.9,

@@ -98,6 +98,8 @@ CANDIDATES = pa.schema(
         pa.field("passage_id", pa.string(), nullable=False),
         pa.field("score", pa.float32(), nullable=False),
         pa.field("positive_score", pa.float32(), nullable=False),
+        # the embedder's score when a cross-encoder rescored the candidate, else null
+        pa.field("retrieval_score", pa.float32()),
         # 1-based rank of the query's positive among the corpus, its copies not counted
         pa.field("positive_rank", pa.int32()),
         # rank among eligible candidates; null when excluded before ranking

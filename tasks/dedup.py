@@ -12,12 +12,18 @@
 
 Clusters are the connected components over exact and near edges; the canonical member is the
 first by (source, row), and each member records its kind and Jaccard similarity to it.
+
+- **Semantic** duplicates (optional, after embedding): `semantic_clusters` joins passages whose
+  embedding cosine is >= a threshold (paraphrases that share few words) into the clusters, as
+  kind `semantic` with the cosine as similarity. They too stay in the corpus; mining never
+  uses one as a negative of a positive it paraphrases.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 from rensa import RMinHash, RMinHashLSH
@@ -183,3 +189,68 @@ def deduplicate(passages: pa.Table, cfg: DedupConfig) -> DedupResult:
 def exact_dedup(passages: pa.Table) -> DedupResult:
     """Exact duplicates only (no near-duplicate clustering)."""
     return deduplicate(passages, DedupConfig(near=False))
+
+
+def semantic_clusters(
+    clusters: pa.Table,
+    passages: pa.Table,
+    ids: list[str],
+    vectors: np.ndarray,
+    threshold: float,
+    neighbours: int = 10,
+) -> pa.Table:
+    """The clusters table with semantic edges added: every pair of corpus passages whose
+    embedding cosine is >= `threshold` (among each one's `neighbours` nearest, exact faiss
+    k-NN) is joined; clusters that a semantic edge connects merge. Members already in a cluster
+    keep their kind and similarity; members joined only by a semantic edge get kind `semantic`
+    and their best cosine. The canonical member stays the first by (source, row)."""
+    from tasks.mine import exact_topk
+
+    if len(ids) < 2:
+        return clusters
+    idx, scores = exact_topk(vectors, vectors, min(neighbours + 1, len(ids)))
+    rows_i = np.repeat(np.arange(len(ids)), idx.shape[1])
+    flat_j, flat_s = idx.reshape(-1), scores.reshape(-1)
+    hit = (flat_s >= threshold) & (flat_j != rows_i) & (flat_j >= 0)
+    sem = pl.DataFrame(
+        {
+            "a": np.asarray(ids, dtype=object)[rows_i[hit]],
+            "b": np.asarray(ids, dtype=object)[flat_j[hit]],
+            "cos": flat_s[hit],
+        },
+        schema={"a": pl.String, "b": pl.String, "cos": pl.Float32},
+    )
+    if sem.is_empty():
+        return clusters
+    old = pl.from_arrow(clusters)
+    where = pl.concat(
+        [
+            old.select("passage_id", "source", "row"),
+            pl.from_arrow(passages.select(["passage_id", "source", "row"])),
+        ]
+    ).unique("passage_id", keep="first")
+    nodes = (
+        pl.concat([old["passage_id"], sem["a"], sem["b"]])
+        .unique()
+        .to_frame("passage_id")
+        .join(where, on="passage_id", how="left")
+        .sort("source", "row", "passage_id")
+        .with_row_index("i")
+    )
+    index = dict(zip(nodes["passage_id"].to_list(), nodes["i"].to_list(), strict=True))
+    edges = [(index[a], index[b]) for a, b in sem.select("a", "b").iter_rows()]
+    edges += [(index[p], index[c]) for p, c in old.select("passage_id", "cluster_id").iter_rows()]
+    root = _components(nodes.height, edges)
+    node_ids = nodes["passage_id"].to_list()
+    best = sem.group_by("a").agg(pl.col("cos").max()).rename({"a": "passage_id"})
+    out = (
+        nodes.with_columns(pl.Series("cluster_id", [node_ids[r] for r in root], dtype=pl.String))
+        .join(old.select("passage_id", "kind", "similarity"), on="passage_id", how="left")
+        .join(best, on="passage_id", how="left")
+        .with_columns(
+            pl.col("kind").fill_null(pl.lit("semantic")),
+            pl.col("similarity").fill_null(pl.col("cos")).cast(pl.Float32),
+            (pl.col("passage_id") == pl.col("cluster_id")).alias("is_canonical"),
+        )
+    )
+    return out.select(CLUSTERS.names).to_arrow().cast(CLUSTERS)

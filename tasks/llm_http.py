@@ -2,20 +2,35 @@
 
 Same interface as the in-process `tasks.generate.VLLMEngine`: `chat_json(conversations, schema,
 sampling, seeds) -> [Completion]`, in input order. Requests run concurrently (a thread pool of
-`llm.concurrency` over one httpx client); 5xx, 429, timeouts and connection errors are retried
-with exponential backoff and jitter; any other 4xx fails at once with the server's message.
+`llm.concurrency` over one httpx client); 5xx, 408, 429, timeouts and connection errors are
+retried with exponential backoff and jitter (honouring a server's `Retry-After`); any other 4xx
+fails at once with the server's message.
 
 The API key is read from the environment variable named by `llm.api_key_env` and only ever
 placed in the Authorization header: never logged, never in an error message, never in repr.
+
+What vLLM's server (0.32, CPU) does with these requests, checked against a real one:
+- `response_format` `json_schema` needs a `name` (without it: a 400 listing six validation
+  errors); `strict` is accepted; unknown request fields are ignored, not rejected.
+- `finish_reason` is `stop` or `length` (max_tokens reached: the JSON is cut off).
+- a seed repeats a sampled output only when the request is batched the same way: on CPU a
+  request decoded alone and the same request decoded beside others can diverge after a few
+  tokens, so runs with concurrency > 1 are not bit-for-bit repeatable.
+- a 401 body is `{"error": "Unauthorized"}`; an unknown model in a request is a 404; a prompt
+  or `max_tokens` beyond `max_model_len` is a 400 naming the limit.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
 from typing import Any
 
 import httpx
@@ -24,7 +39,9 @@ from schemas.config import LLMConfig
 from tasks.generate import Completion, SamplingSettings
 
 log = logging.getLogger(__name__)
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+RETRY_STATUS = frozenset({408, 429})  # and every 5xx
+MAX_BACKOFF_S = 30.0
+SCHEMA_NAME = "output"  # vLLM requires json_schema.name; OpenAI allows [a-zA-Z0-9_-]{1,64}
 
 
 class LLMServerError(RuntimeError):
@@ -32,37 +49,81 @@ class LLMServerError(RuntimeError):
 
 
 class OpenAIEngine:
-    """A ChatEngine over an OpenAI-compatible `/chat/completions` endpoint."""
+    """A ChatEngine over an OpenAI-compatible `/chat/completions` endpoint.
+
+    `check=True` asks `GET {base_url}/models` at construction, so an unreachable server, a
+    refused key or a model the server does not serve fails at once with a clear message.
+    `backoff_s` is the first retry's delay (doubled per retry, plus up to 25% jitter).
+    """
 
     backend = "openai"
 
-    def __init__(self, cfg: LLMConfig, *, check: bool = True, backoff_s: float = 0.5):
+    def __init__(self, cfg: LLMConfig, *, check: bool = True, backoff_s: float = 0.5) -> None:
         if not cfg.base_url:
-            raise LLMServerError("llm.base_url is not set")
+            raise LLMServerError("llm.base_url is not set (e.g. http://127.0.0.1:8000/v1)")
         self.cfg = cfg
-        self.model_name = cfg.model_name
-        self.base_url = cfg.base_url.rstrip("/")
+        self.model_name: str = cfg.model_name
+        self.base_url: str = cfg.base_url.rstrip("/")
         self.backoff_s = backoff_s
-        self.attempts = 0  # HTTP requests sent, retries included
+        self._lock = threading.Lock()
+        self._sent = 0
+        key = os.environ.get(cfg.api_key_env, "").strip() or None
+        if key is not None and not (key.isascii() and key.isprintable()):
+            raise LLMServerError(
+                f"the environment variable {cfg.api_key_env} holds an API key with characters an "
+                "HTTP header cannot carry (non-ASCII or control characters)"
+            )
+        self._has_key = key is not None
+        self._secret = key  # only for scrubbing server text; never formatted anywhere
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(cfg.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self._client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(cfg.request_timeout_s, connect=min(10.0, cfg.request_timeout_s)),
-            limits=httpx.Limits(max_connections=cfg.concurrency),
+            limits=httpx.Limits(
+                max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
+            ),
         )
         if check:
-            self.check()
+            try:
+                served = self.check()
+            except BaseException:
+                self.close()
+                raise
+            log.info("LLM server %s serves %s", self.base_url, served)
 
     def __repr__(self) -> str:
-        return f"OpenAIEngine(base_url={self.base_url!r}, model={self.model_name!r})"
+        return (
+            f"OpenAIEngine(base_url={self.base_url!r}, model={self.model_name!r}, "
+            f"api_key_env={self.cfg.api_key_env!r}, key_set={self._has_key})"
+        )
+
+    def __enter__(self) -> OpenAIEngine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def attempts(self) -> int:
+        """HTTP requests sent so far, retries included."""
+        return self._sent
 
     def check(self) -> list[str]:
         """The served model ids; raises when the server is unreachable or lacks our model."""
         body = self._send("GET", "/models", None)
-        served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)]
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise LLMServerError(
+                f"{self.base_url}/models did not answer an OpenAI model list: {self._clip(body)}"
+            )
+        served = [str(m.get("id")) for m in data if isinstance(m, dict)]
         if self.model_name not in served:
             raise LLMServerError(
                 f"the LLM server at {self.base_url} does not serve {self.model_name!r}; "
@@ -77,9 +138,16 @@ class OpenAIEngine:
         sampling: SamplingSettings,
         seeds: list[int],
     ) -> list[Completion]:
-        """One JSON-schema-constrained completion per conversation, in input order."""
+        """One JSON-schema-constrained completion per conversation, in input order.
+
+        The first request that fails for good raises `LLMServerError`; requests not yet sent
+        are cancelled."""
         if len(conversations) != len(seeds):
             raise ValueError(f"{len(conversations)} conversations but {len(seeds)} seeds")
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": SCHEMA_NAME, "schema": schema, "strict": True},
+        }
         bodies = [
             {
                 "model": self.model_name,
@@ -88,18 +156,36 @@ class OpenAIEngine:
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
                 "seed": seed,
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "output", "schema": schema, "strict": True},
-                },
+                "response_format": response_format,
             }
             for messages, seed in zip(conversations, seeds, strict=True)
         ]
         if not bodies:
             return []
         workers = min(self.cfg.concurrency, len(bodies))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm-http") as pool:
-            return list(pool.map(self._complete, bodies))
+        start = time.perf_counter()
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm-http")
+        try:
+            futures = [pool.submit(self._complete, body) for body in bodies]
+            out = [f.result() for f in futures]  # input order, whatever order they finish in
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        log.debug(
+            "%d chat completions from %s in %.1f s (%d in flight)",
+            len(out),
+            self.base_url,
+            time.perf_counter() - start,
+            workers,
+        )
+        return out
+
+    def close(self) -> None:
+        """Close the HTTP connections (the server keeps running)."""
+        self._client.close()
+
+    # --- internals ------------------------------------------------------------------------------
 
     def _complete(self, body: dict[str, Any]) -> Completion:
         out = self._send("POST", "/chat/completions", body)
@@ -107,62 +193,128 @@ class OpenAIEngine:
             choice = out["choices"][0]
             text = choice["message"]["content"] or ""
         except (KeyError, IndexError, TypeError) as e:
-            raise LLMServerError(f"unexpected reply from {self.base_url}: {str(out)[:200]}") from e
-        usage = out.get("usage") or {}
+            raise LLMServerError(
+                f"unexpected reply from {self.base_url}/chat/completions: {self._clip(out)}"
+            ) from e
+        finish = choice.get("finish_reason")
+        usage = out.get("usage") if isinstance(out.get("usage"), dict) else {}
         tokens = usage.get("completion_tokens")
-        return Completion(
-            text, int(tokens) if tokens is not None else 0, choice.get("finish_reason")
-        )
+        if not isinstance(tokens, int):
+            # No usage from this server: estimate (~4 characters a token) so throughput stats
+            # stay meaningful rather than reading as zero.
+            tokens = max(1, round(len(text) / 4)) if text else 0
+            log.debug("no usage.completion_tokens in the reply; estimated %d", tokens)
+        return Completion(text, tokens, finish)
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        """One request with retries on 5xx/429/timeouts/connection errors; JSON reply."""
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        """One request with retries on 5xx/408/429/timeouts/connection errors; JSON reply."""
         url = self.base_url + path
         retries = self.cfg.max_retries
+        failure = problem = "no attempt made"
+        cause: BaseException | None = None
         for attempt in range(retries + 1):
-            self.attempts += 1
-            problem: str
+            with self._lock:
+                self._sent += 1
+            retry_after: float | None = None
             try:
                 resp = self._client.request(method, url, json=body)
-            except httpx.TimeoutException:
-                problem = f"timed out after {self.cfg.request_timeout_s} s"
+            except httpx.TimeoutException as e:
+                problem = f"no answer within {self.cfg.request_timeout_s:g} s"
+                failure, cause = f"the LLM server at {url} gave {problem}", e
             except httpx.TransportError as e:
-                problem = f"cannot connect ({type(e).__name__}: {e})"
+                problem = _transport_problem(e)
+                failure, cause = f"cannot reach the LLM server at {url}: {problem}", e
             else:
-                if resp.status_code < 400:
-                    return resp.json()
-                message = _server_message(resp)
-                if resp.status_code == 401:
-                    raise LLMServerError(
-                        f"the LLM server at {self.base_url} refused the API key (401): set the "
-                        f"environment variable {self.cfg.api_key_env} to a valid key"
-                    )
-                if resp.status_code not in RETRY_STATUS:
-                    raise LLMServerError(
-                        f"the LLM server at {url} answered {resp.status_code}: {message}"
-                    )
-                problem = f"answered {resp.status_code}: {message}"
+                status = resp.status_code
+                if status < 400:
+                    try:
+                        return resp.json()
+                    except ValueError as e:
+                        raise LLMServerError(
+                            f"the LLM server at {url} answered {status} with a body that is not "
+                            f"JSON: {self._clip(resp.text)}"
+                        ) from e
+                message = self._clip(_server_message(resp))
+                if status == 401:
+                    raise LLMServerError(self._unauthorized())
+                if status < 500 and status not in RETRY_STATUS:
+                    raise LLMServerError(f"the LLM server at {url} answered {status}: {message}")
+                problem = f"answered {status}: {message}"
+                failure, cause = f"the LLM server at {url} {problem}", None
+                retry_after = _retry_after(resp)
             if attempt < retries:
                 delay = self.backoff_s * 2**attempt * (1 + random.random() / 4)  # noqa: S311
+                if retry_after is not None:
+                    delay = max(delay, retry_after)
+                delay = min(delay, MAX_BACKOFF_S)
                 log.warning(
-                    "LLM server %s %s; retry %d in %.1f s", url, problem, attempt + 1, delay
+                    "LLM server %s %s: %s; retry %d/%d in %.2f s",
+                    method,
+                    url,
+                    problem,
+                    attempt + 1,
+                    retries,
+                    delay,
                 )
                 time.sleep(delay)
         raise LLMServerError(
-            f"cannot use the LLM server at {url}: {problem} (after {retries} retries)"
+            f"{failure} (after {retries} {'retry' if retries == 1 else 'retries'})"
+        ) from cause
+
+    def _unauthorized(self) -> str:
+        var = self.cfg.api_key_env
+        if not self._has_key:
+            return (
+                f"the LLM server at {self.base_url} requires an API key (401) and none was sent: "
+                f"the environment variable {var} is not set"
+            )
+        return (
+            f"the LLM server at {self.base_url} refused the API key (401): the environment "
+            f"variable {var} does not hold a key it accepts"
         )
 
-    def close(self) -> None:
-        self._client.close()
+    def _clip(self, value: Any, limit: int = 300) -> str:
+        """Server text for a message: shortened, and with the key scrubbed should it echo it."""
+        text = str(value)
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _transport_problem(e: httpx.TransportError) -> str:
+    """'connection refused' and the like, from an httpx transport error."""
+    inner: BaseException | None = e
+    while inner is not None:
+        if isinstance(inner, socket.gaierror):
+            return f"cannot resolve the host name ({inner.strerror or inner})"
+        if isinstance(inner, OSError) and inner.errno is not None:
+            if inner.errno == errno.ECONNREFUSED:
+                return "connection refused"
+            return f"{os.strerror(inner.errno).lower()} ({type(e).__name__})"
+        inner = inner.__cause__ or inner.__context__
+    text = str(e)
+    if "Connection refused" in text:
+        return "connection refused"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
 
 
 def _server_message(resp: httpx.Response) -> str:
+    """The error text of an OpenAI-style error body ({"error": {"message": ...}}), or the body."""
     try:
         body = resp.json()
     except ValueError:
-        return resp.text[:300]
+        return resp.text or resp.reason_phrase
     if isinstance(body, dict):
-        err = body.get("error", body.get("message", body))
+        err = body.get("error", body.get("message", body.get("detail", body)))
         if isinstance(err, dict):
-            return str(err.get("message", err))[:300]
-        return str(err)[:300]
-    return str(body)[:300]
+            return str(err.get("message", err))
+        return str(err)
+    return str(body)

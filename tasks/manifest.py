@@ -108,6 +108,14 @@ def build_manifest(
             "clusters": deduped["clusters"].stats.get("clusters", 0),
             "cluster_kinds": deduped["clusters"].stats.get("cluster_kinds", {}),
             "cluster_members": deduped["clusters"].rows,
+            **(
+                {
+                    "after_semantic": deduped["semantic"].stats,
+                    "semantic_seconds": wall.get("semantic_dedup", 0.0),
+                }
+                if deduped.get("semantic") is not None
+                else {}
+            ),
         },
     )
 
@@ -201,7 +209,8 @@ def build_manifest(
     shards = {
         "ingest": [r["passages"] for r in ingested],
         "passages": deduped["passages"],
-        "clusters": [deduped["clusters"]],
+        "clusters": [deduped["clusters"]]
+        + ([deduped["semantic"]] if deduped.get("semantic") is not None else []),
         "queries": [g["queries"] for g in generated],
         "generated": written,
         "embeddings": [s for v in embedded.values() for s in v],

@@ -8,7 +8,9 @@ not, the first rule that removed it. Every rule is its own small function so eac
 and documented alone; the order is the one in `schemas.config.MiningConfig`:
 
     is_positive, other_positive (another known positive of the same query),
-    duplicate_of_positive (a sibling too similar to the positive)
+    duplicate_of_positive (a sibling too similar to the positive),
+    semantic_duplicate_of_positive (embedding cosine to the positive >= dedup.semantic_threshold,
+    when semantic dedup is on)
     ->  rank among the rest  ->  outside_rank_range
     -> above_positive_ratio, within_margin, above_max_score  ->  beyond_num_negatives
 """
@@ -85,11 +87,13 @@ def retrieve_candidates(
     k: int,
     ann: bool = False,
     ef_search: int = 128,
+    positive_similarity: bool = False,
 ) -> pl.DataFrame:
     """Long table (query_id, positive_id, passage_id, score, positive_score), best first.
 
     The positive's own score is computed directly, so it is known even when the positive is not
-    among the top k.
+    among the top k. With `positive_similarity`, each candidate's cosine to the positive is
+    added too (for the semantic-duplicate rule).
     """
     row_of = {pid: i for i, pid in enumerate(corpus_ids)}
     missing = [p for p in positive_ids if p not in row_of]
@@ -121,6 +125,11 @@ def retrieve_candidates(
             "positive_score": pl.Float32,
         },
     )
+    if positive_similarity:
+        cand_vecs = corpus_vectors[idx.reshape(-1)]
+        pos_vecs = np.repeat(corpus_vectors[pos_rows], kk, axis=0)
+        sims = np.einsum("ij,ij->i", cand_vecs, pos_vecs).astype(np.float32)
+        frame = frame.with_columns(pl.Series("positive_similarity", sims, dtype=pl.Float32))
     return frame.filter(pl.Series(valid.reshape(-1)))
 
 
@@ -237,6 +246,7 @@ def filter_candidates(
     shingle_size: int = 3,
     known_positives: pl.DataFrame | None = None,
     query_text: pl.DataFrame | None = None,
+    semantic_threshold: float | None = None,
 ) -> pl.DataFrame:
     """Add rank and the first cheap rule that removes each candidate (`reason`, null for a
     survivor); see the module docstring for the order.
@@ -266,6 +276,12 @@ def filter_candidates(
                 "duplicate_of_positive",
                 rule_duplicate_of_positive(cfg.duplicate_similarity)
                 if cfg.exclude_duplicate_clusters
+                else None,
+            ),
+            (
+                "semantic_duplicate_of_positive",
+                pl.col("positive_similarity") >= semantic_threshold
+                if semantic_threshold is not None and "positive_similarity" in df.columns
                 else None,
             ),
         ]
@@ -326,6 +342,39 @@ def _stable_hash(keys: pl.Series) -> pl.Series:
 
 
 Judge = Callable[[pl.DataFrame], pl.DataFrame]
+# (query texts, passage texts) -> one relevance score per pair, e.g. a cross-encoder
+Rescorer = Callable[[list[str], list[str]], np.ndarray]
+
+
+def rescore_candidates(
+    cands: pl.DataFrame,
+    rescore: Rescorer,
+    query_text: dict[str, str],
+    passage_text: Callable[[list[str]], dict[str, str]],
+) -> pl.DataFrame:
+    """Replace `score` and `positive_score` by the rescorer's scores of (query, passage) and
+    (query, positive); the embedder's score is kept as `retrieval_score`."""
+    pairs = pl.concat(
+        [
+            cands.select("query_id", "passage_id"),
+            cands.select("query_id", pl.col("positive_id").alias("passage_id")),
+        ]
+    ).unique(maintain_order=True)
+    texts = passage_text(pairs["passage_id"].unique().to_list())
+    scores = rescore(
+        [query_text[q] for q in pairs["query_id"]], [texts[p] for p in pairs["passage_id"]]
+    )
+    scored = pairs.with_columns(pl.Series("new", np.asarray(scores, dtype=np.float32)))
+    return (
+        cands.rename({"score": "retrieval_score"})
+        .drop("positive_score")
+        .join(scored.rename({"new": "score"}), on=["query_id", "passage_id"], how="left")
+        .join(
+            scored.rename({"passage_id": "positive_id", "new": "positive_score"}),
+            on=["query_id", "positive_id"],
+            how="left",
+        )
+    )
 
 
 @dataclass
@@ -429,7 +478,9 @@ def mine_negatives(
     shingle_size: int = 3,
     known_positives: pl.DataFrame | None = None,
     *,
+    semantic_threshold: float | None = None,
     consistency_top_k: int | None = None,
+    rescore: tuple[Rescorer, Callable[[list[str]], dict[str, str]]] | None = None,
     judge: JudgeStep | None = None,
     generated: pa.Table | None = None,
     generated_vectors: np.ndarray | None = None,
@@ -472,8 +523,18 @@ def mine_negatives(
         k,
         ann=use_ann(cfg, len(corpus_ids)),
         ef_search=cfg.ann_ef_search,
+        positive_similarity=semantic_threshold is not None,
     )
-    df = filter_candidates(cands, cluster_df, cfg, texts, shingle_size, known_positives, query_text)
+    if rescore is not None:
+        if query_text is None:
+            raise ValueError("rescoring needs the queries' text")
+        qt = dict(zip(query_text["query_id"], query_text["query"], strict=True))
+        cands = rescore_candidates(cands, rescore[0], qt, rescore[1])
+    else:
+        cands = cands.with_columns(pl.lit(None, dtype=pl.Float32).alias("retrieval_score"))
+    df = filter_candidates(
+        cands, cluster_df, cfg, texts, shingle_size, known_positives, query_text, semantic_threshold
+    )
     df = df.with_columns(
         pl.lit(None, dtype=pl.Int8).alias("grade"),
         pl.lit(None, dtype=pl.String).alias("verdict"),
@@ -518,6 +579,7 @@ def mine_negatives(
         if not gen.is_empty():
             gen = gen.with_columns(
                 pl.lit("generated").alias("origin"),
+                pl.lit(None, dtype=pl.Float32).alias("retrieval_score"),
                 pl.lit(None, dtype=pl.Int32).alias("rank"),
                 pl.lit(None, dtype=pl.Float32).alias("cluster_similarity"),
                 pl.lit(None, dtype=pl.String).alias("verdict"),

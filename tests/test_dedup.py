@@ -1,3 +1,5 @@
+import polars as pl
+import pyarrow as pa
 import pytest
 
 from schemas.config import DedupConfig
@@ -101,3 +103,60 @@ def test_kind_is_exact_only_for_members_with_an_exact_twin():
 def test_folding_keeps_words_with_combining_marks_whole():
     # Python's \\W splits on combining marks; Polars' does not: one folding is used everywhere
     assert shingle_set("हिन्दी भाषा", 3) == frozenset({"हिन्दी भाषा"})
+
+
+def test_semantic_clusters_join_paraphrases_and_merge_existing_clusters():
+    import numpy as np
+
+    from tasks.dedup import semantic_clusters
+
+    def unit(v):
+        v = np.asarray(v, dtype=np.float32)
+        return v / np.linalg.norm(v)
+
+    table = passages(["alpha text one", "alpha text two", "beta", "gamma one", "gamma two"])
+    ids = table["passage_id"].to_pylist()
+    # 0 ~ 1 (cosine 0.97); 2 apart; 3, 4 already an exact-kind cluster; 4 ~ 2? no.
+    vecs = np.stack(
+        [
+            unit([1, 0, 0]),
+            unit([0.97, np.sqrt(1 - 0.97**2), 0]),
+            unit([0, 0, 1]),
+            unit([0, 1, 0]),
+            unit([0, 1, 0.01]),
+        ]
+    )
+    old = pa.Table.from_pylist(
+        [
+            {
+                "passage_id": ids[3],
+                "cluster_id": ids[3],
+                "kind": "exact",
+                "similarity": 1.0,
+                "is_canonical": True,
+                "source": "f",
+                "row": 3,
+            },
+            {
+                "passage_id": ids[4],
+                "cluster_id": ids[3],
+                "kind": "exact",
+                "similarity": 1.0,
+                "is_canonical": False,
+                "source": "f",
+                "row": 4,
+            },
+        ],
+        schema=CLUSTERS,
+    )
+    out = pl.from_arrow(semantic_clusters(old, table, ids, vecs, threshold=0.95))
+    by_id = {r["passage_id"]: r for r in out.iter_rows(named=True)}
+    assert ids[2] not in by_id  # nothing is within 0.95 of it
+    assert by_id[ids[0]]["cluster_id"] == by_id[ids[1]]["cluster_id"] == ids[0]
+    assert by_id[ids[1]]["kind"] == "semantic"
+    assert by_id[ids[1]]["similarity"] == pytest.approx(0.97, abs=1e-4)
+    assert by_id[ids[0]]["is_canonical"] and not by_id[ids[1]]["is_canonical"]
+    assert by_id[ids[4]]["kind"] == "exact" and by_id[ids[4]]["cluster_id"] == ids[3]
+    # a threshold just above the pair's cosine joins nothing new
+    same = semantic_clusters(old, table, ids, vecs, threshold=0.971)
+    assert pl.from_arrow(same)["passage_id"].to_list() == [ids[3], ids[4]]

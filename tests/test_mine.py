@@ -301,3 +301,55 @@ def test_other_known_positives_of_the_query_text_are_never_negatives():
     assert reason_of(df, "n1") == "other_positive"  # a positive of the same query text
     assert reason_of(df, "n2") is None  # a positive of another query is a fine negative
     assert kept_ids(df) == ["n0", "n2", "n3"]
+
+
+@pytest.mark.parametrize("threshold,removed", [(0.95, True), (0.9968, True), (0.9969, False)])
+def test_semantic_duplicate_of_positive_boundary(threshold, removed):
+    # positive [0.8, 0.6, 0]; n0 = [0.75, 0.6614, 0] has cosine 0.99686 to it, n1 0.92
+    ids = ["pos", "n0", "n1"]
+    corpus = np.asarray(
+        [[0.8, 0.6, 0], [0.75, np.sqrt(1 - 0.75**2), 0], [0.5, np.sqrt(0.75), 0]], np.float32
+    )
+    result = mine_negatives(
+        pa.table({"query_id": ["q"], "passage_id": ["pos"]}),
+        QUERY,
+        ids,
+        corpus,
+        CLUSTERS.empty_table(),
+        MiningConfig(max_positive_ratio=None),
+        semantic_threshold=threshold,
+    )
+    df = pl.from_arrow(result.candidates)
+    assert (reason_of(df, "n0") == "semantic_duplicate_of_positive") is removed
+    assert reason_of(df, "n1") is None
+
+
+def test_a_rescorer_replaces_scores_and_the_filters_use_them():
+    # embedder order: n0 (0.7) > n1 (0.6) > n2 (0.5); the rescorer reverses it and scores
+    # the positive 1.0, so with ratio 0.95 only n2's rescored 0.96 is above 0.95 * 1.0
+    texts = {"pos": "P", "n0": "a", "n1": "bb", "n2": "ccc"}
+    rescored = {"P": 1.0, "a": 0.2, "bb": 0.5, "ccc": 0.96}
+    calls = []
+
+    def rescore(queries, passages):
+        calls.append((queries, passages))
+        return np.asarray([rescored[p] for p in passages], dtype=np.float32)
+
+    result = mine_negatives(
+        pa.table({"query_id": ["q"], "passage_id": ["pos"], "query": ["what"]}),
+        QUERY,
+        ["pos", "n0", "n1", "n2"],
+        corpus_with_scores([0.8, 0.7, 0.6, 0.5]),
+        CLUSTERS.empty_table(),
+        MiningConfig(num_negatives=3, max_positive_ratio=0.95),
+        rescore=(rescore, lambda ids: {i: texts[i] for i in ids}),
+    )
+    df = pl.from_arrow(result.candidates)
+    assert set(calls[0][0]) == {"what"} and sorted(calls[0][1]) == ["P", "a", "bb", "ccc"]
+    assert df["positive_score"].unique().to_list() == [1.0]
+    assert reason_of(df, "n2") == "above_positive_ratio"
+    assert kept_ids(df) == ["n1", "n0"]  # ranked by the rescored score
+    row = df.filter(pl.col("passage_id") == "n0")
+    assert row["score"].item() == pytest.approx(0.2) and row[
+        "retrieval_score"
+    ].item() == pytest.approx(0.7)
