@@ -220,10 +220,9 @@ def llm_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
     return WorkerHandle(name, actor, created, cfg.llm.model_name, path, device)
 
 
-def embed_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
-    device = pick_device(cfg.embedding.device)
-    path = str(resolve_embedding_path(cfg.embedding.model_path))
-    name = _actor_name("embed", {"path": path, "device": device})
+def _small_model_options(device: str) -> tuple[dict[str, Any], int]:
+    """Actor options and torch threads for a small model worker (embedder, cross-encoder): on
+    CPU no logical CPU reserved (it is long-lived), on CUDA a share of the GPU."""
     cpus = cluster_cpus()
     options: dict[str, Any] = {
         "num_cpus": 0,
@@ -231,11 +230,19 @@ def embed_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
     }
     if device == "cuda":
         options["num_gpus"] = EMBED_GPU_SHARE
+    return options, cpus if device == "cpu" else 0
+
+
+def embed_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
+    device = pick_device(cfg.embedding.device)
+    path = str(resolve_embedding_path(cfg.embedding.model_path))
+    name = _actor_name("embed", {"path": path, "device": device})
+    options, threads = _small_model_options(device)
     actor, created = _get_or_create(
         EmbedWorker,
         name,
         options,
-        (path, cfg.embedding.model_name, device, cpus if device == "cpu" else 0),
+        (path, cfg.embedding.model_name, device, threads),
         cfg.runtime.task_timeout_s,
         start,
     )
@@ -249,20 +256,9 @@ def rescore_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
         raise ValueError("mining.rescore_model_path is not set")
     device = pick_device(cfg.embedding.device)
     name = _actor_name("rescore", {"path": path, "device": device})
-    cpus = cluster_cpus()
-    options: dict[str, Any] = {
-        "num_cpus": 0,
-        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cpus), "HF_HUB_OFFLINE": "1"}},
-    }
-    if device == "cuda":
-        options["num_gpus"] = EMBED_GPU_SHARE
+    options, threads = _small_model_options(device)
     actor, created = _get_or_create(
-        RescoreWorker,
-        name,
-        options,
-        (path, device, cpus if device == "cpu" else 0),
-        cfg.runtime.task_timeout_s,
-        start,
+        RescoreWorker, name, options, (path, device, threads), cfg.runtime.task_timeout_s, start
     )
     return WorkerHandle(name, actor, created, os.path.basename(path.rstrip("/")), path, device)
 

@@ -129,21 +129,30 @@ def copy_ratio(query: str, passage: str) -> float:
     return match.size / len(q)
 
 
-def check_query(
-    completion: Completion, passage: str, cfg: GenerationConfig
-) -> tuple[str | None, str | None, str]:
-    """(reason, detail, query) for one completion; reason None means the query is kept."""
+def json_field(completion: Completion, name: str, limit: str) -> tuple[str | None, str | None, str]:
+    """The whitespace-collapsed string `name` of a JSON object completion, or why there is
+    none: truncated, invalid_json, schema_mismatch, empty_<name>."""
     if completion.finish_reason == "length":
-        return "truncated", f"hit max_tokens={cfg.max_tokens}", ""
+        return "truncated", f"hit {limit}", ""
     try:
         obj = json.loads(completion.text)
     except json.JSONDecodeError as e:
         return "invalid_json", str(e), ""
-    if not isinstance(obj, dict) or not isinstance(obj.get("query"), str):
-        return "schema_mismatch", 'expected {"query": string}', ""
-    query = " ".join(obj["query"].split())
-    if not query:
-        return "empty_query", None, ""
+    if not isinstance(obj, dict) or not isinstance(obj.get(name), str):
+        return "schema_mismatch", f'expected {{"{name}": string}}', ""
+    value = " ".join(obj[name].split())
+    if not value:
+        return f"empty_{name}", None, ""
+    return None, None, value
+
+
+def check_query(
+    completion: Completion, passage: str, cfg: GenerationConfig
+) -> tuple[str | None, str | None, str]:
+    """(reason, detail, query) for one completion; reason None means the query is kept."""
+    reason, detail, query = json_field(completion, "query", f"max_tokens={cfg.max_tokens}")
+    if reason is not None:
+        return reason, detail, query
     if len(query) < cfg.min_query_chars:
         return "too_short", f"{len(query)} < {cfg.min_query_chars} chars", query
     if len(query) > cfg.max_query_chars:
@@ -365,17 +374,10 @@ def check_passage(
     completion: Completion, positive: str, cfg: GenerationConfig
 ) -> tuple[str | None, str | None, str]:
     """(reason, detail, passage) for one written passage; reason None means it is kept."""
-    if completion.finish_reason == "length":
-        return "truncated", f"hit max_passage_tokens={cfg.max_passage_tokens}", ""
-    try:
-        obj = json.loads(completion.text)
-    except json.JSONDecodeError as e:
-        return "invalid_json", str(e), ""
-    if not isinstance(obj, dict) or not isinstance(obj.get("passage"), str):
-        return "schema_mismatch", 'expected {"passage": string}', ""
-    text = " ".join(obj["passage"].split())
-    if not text:
-        return "empty_passage", None, ""
+    limit = f"max_passage_tokens={cfg.max_passage_tokens}"
+    reason, detail, text = json_field(completion, "passage", limit)
+    if reason is not None:
+        return reason, detail, text
     if len(text) < MIN_PASSAGE_CHARS:
         return "too_short", f"{len(text)} < {MIN_PASSAGE_CHARS} chars", text
     # A written "negative" that repeats the positive is a false negative by construction.
