@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from schemas.config import PipelineConfig  # noqa: E402
+from schemas.config import PipelineConfig, apply_override  # noqa: E402
 from tasks.generate import engine_env  # noqa: E402
 from tasks.models import cache_dir, resolve_llm_path  # noqa: E402
 
@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", action="append", default=[], help="config override, e.g. grading.levels=..."
+    )
     args = parser.parse_args()
 
     import json
@@ -42,7 +45,10 @@ def main() -> None:
     import polars as pl
 
     manifest = json.loads((args.run_dir / "manifest.json").read_text())
-    cfg = PipelineConfig.model_validate(manifest["config"])
+    raw = manifest["config"]
+    for item in args.set:
+        apply_override(raw, item)
+    cfg = PipelineConfig.model_validate(raw)
     os.environ.update(engine_env(cfg.llm, str(cache_dir()), os.cpu_count() or 1))
     from tasks.generate import VLLMEngine
     from tasks.judge import judge_pairs
