@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schemas.config import DedupConfig  # noqa: E402
-from tasks.dedup import jaccard, near_duplicate_pairs, shingle_sets  # noqa: E402
+from tasks.dedup import fold_many, jaccard, near_duplicate_pairs, shingle_sets  # noqa: E402
 
 # Modules with side effects on import (printing, a browser, a GUI) stay out.
 UNSAFE = {"this", "antigravity", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data"}
@@ -110,8 +110,7 @@ def plant(text: str, rng: random.Random) -> str:
 
 
 def ours(texts: list[str], cfg: DedupConfig) -> set[tuple[int, int]]:
-    shingles = shingle_sets(texts, cfg.shingle_size)
-    return {(i, j) for i, j, _ in near_duplicate_pairs(shingles, cfg)}
+    return {(i, j) for i, j, _ in near_duplicate_pairs(fold_many(texts), cfg)}
 
 
 def datasketch_pairs(texts: list[str], cfg: DedupConfig) -> set[tuple[int, int]]:

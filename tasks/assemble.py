@@ -189,7 +189,7 @@ def leakage_report(
       train query is >= query_similarity (MinHash + LSH, verified).
     """
     from schemas.config import DedupConfig
-    from tasks.dedup import near_duplicate_pairs, shingle_sets
+    from tasks.dedup import fold_many, near_duplicate_pairs
 
     cluster_of = pl.from_arrow(clusters.select(["passage_id", "cluster_id"])).unique("passage_id")
     df = (
@@ -209,7 +209,7 @@ def leakage_report(
     queries = df["query"].to_list()
     split = df["split"].to_list()
     cfg = DedupConfig(near_threshold=query_similarity, shingle_size=shingle_size)
-    pairs = near_duplicate_pairs(shingle_sets(queries, shingle_size), cfg)
+    pairs = near_duplicate_pairs(fold_many(queries), cfg)
     crossing = {j if split[j] == "eval" else i for i, j, _ in pairs if split[i] != split[j]}
     return {
         "positive_clusters_in_both": int((splits_per_cluster["n"] > 1).sum()),

@@ -81,25 +81,44 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b)
 
 
+# Passages shingled at once while computing signatures: only one batch of shingle sets (~10 KB a
+# passage as Python strings) is ever alive, the signatures (num_perm x 4 bytes) are kept.
+SIGNATURE_BATCH = 8192
+
+
 def near_duplicate_pairs(
-    shingles: list[frozenset[str]], cfg: DedupConfig
+    folded: list[str], cfg: DedupConfig, batch_size: int = SIGNATURE_BATCH
 ) -> list[tuple[int, int, float]]:
-    """(i, j, jaccard) with i < j for every pair whose verified Jaccard >= cfg.near_threshold."""
-    rows = [i for i, s in enumerate(shingles) if s]
+    """(i, j, jaccard) with i < j for every pair of folded texts whose verified shingle Jaccard
+    >= cfg.near_threshold.
+
+    Memory follows the signatures, not the shingles: signatures are computed batch by batch,
+    and shingle sets are made again only for the texts of LSH candidate pairs, to verify them.
+    """
+    size = cfg.shingle_size
+    rows = [i for i, text in enumerate(folded) if text.strip()]  # a text with no words has none
     if len(rows) < 2:
         return []
-    minhashes = RMinHash.from_token_sets([list(shingles[i]) for i in rows], cfg.num_perm, cfg.seed)
+    minhashes = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [list(shingles_of(folded[i], size)) for i in rows[start : start + batch_size]]
+        minhashes += RMinHash.from_token_sets(chunk, cfg.num_perm, cfg.seed)
     lsh = RMinHashLSH(cfg.near_threshold, cfg.num_perm, cfg.num_bands)
     lsh.insert_many(minhashes)
+    candidates = [
+        (rows[a], rows[b])
+        for a, found in enumerate(lsh.query_all(minhashes))
+        for b in found
+        if b > a
+    ]
+    del minhashes, lsh
+    involved = sorted({i for pair in candidates for i in pair})
+    shingles = {i: shingles_of(folded[i], size) for i in involved}
     pairs = []
-    for a, candidates in enumerate(lsh.query_all(minhashes)):
-        for b in candidates:
-            if b <= a:
-                continue
-            i, j = rows[a], rows[b]
-            sim = jaccard(shingles[i], shingles[j])
-            if sim >= cfg.near_threshold:
-                pairs.append((i, j, sim))
+    for i, j in candidates:
+        sim = jaccard(shingles[i], shingles[j])
+        if sim >= cfg.near_threshold:
+            pairs.append((i, j, sim))
     return pairs
 
 
@@ -143,12 +162,10 @@ def deduplicate(passages: pa.Table, cfg: DedupConfig) -> DedupResult:
     exact_first = df.group_by(group, maintain_order=True).agg(pl.col("_i").first())["_i"].to_list()
     # Near edges among one representative per exact group.
     keys = df["_key"].to_list()  # folded texts
-    shingles: dict[int, frozenset[str]] = {}
     if cfg.near:
         reps = exact_first
-        rep_shingles = [shingles_of(keys[i], cfg.shingle_size) for i in reps]
-        shingles = dict(zip(reps, rep_shingles, strict=True))
-        edges += [(reps[a], reps[b]) for a, b, _ in near_duplicate_pairs(rep_shingles, cfg)]
+        pairs = near_duplicate_pairs([keys[i] for i in reps], cfg)
+        edges += [(reps[a], reps[b]) for a, b, _ in pairs]
     root = _components(n, edges)
     kept_rows = sorted(set(exact_first))
     kept = df[kept_rows].select(PASSAGES.names).to_arrow().cast(PASSAGES)
@@ -161,16 +178,19 @@ def deduplicate(passages: pa.Table, cfg: DedupConfig) -> DedupResult:
     twins: dict[tuple[int, str], int] = {}
     for i, r in enumerate(root):
         twins[(r, keys[i])] = twins.get((r, keys[i]), 0) + 1
+    shingles: dict[int, frozenset[str]] = {}  # of cluster members only, made when needed
+
+    def shingles_at(i: int) -> frozenset[str]:
+        if i not in shingles:
+            shingles[i] = shingles_of(keys[i], cfg.shingle_size)
+        return shingles[i]
+
     members = []
     for i, r in enumerate(root):
         if sizes[r] < 2:
             continue
         exact = twins[(r, keys[i])] > 1
-        if keys[i] == keys[r]:
-            sim = 1.0
-        else:
-            mine = shingles.get(i) or shingles_of(keys[i], cfg.shingle_size)
-            sim = jaccard(mine, shingles.get(r) or shingles_of(keys[r], cfg.shingle_size))
+        sim = 1.0 if keys[i] == keys[r] else jaccard(shingles_at(i), shingles_at(r))
         members.append(
             {
                 "passage_id": ids[i],
