@@ -49,6 +49,7 @@ from tasks.io import (
     slice_table,
     write_parquet_atomic,
 )
+from tasks.memory import releases_heap
 from tasks.models import resolve_llm_path
 from tasks.prompts import prompt_versions
 
@@ -106,9 +107,10 @@ def _generate_outputs(
 
 
 def _embed_output(
-    shard: ShardInfo, kind: str, index: int, cfg: PipelineConfig, run_dir: str
+    shard: ShardInfo, kind: str, index: int, cfg: PipelineConfig, run_dir: str, precision: str
 ) -> tuple[str, Path]:
-    fp = fingerprint("embed", kind, shard.sha256, cfg.embedding.model_dump(mode="json"))
+    """(fingerprint, path) of one embedding shard; `precision` is the resolved one (not auto)."""
+    fp = fingerprint("embed", kind, shard.sha256, cfg.embedding.model_dump(mode="json"), precision)
     return fp, Path(run_dir) / "embeddings" / f"{kind}-{index:05d}.parquet"
 
 
@@ -117,6 +119,7 @@ def _embeddings_pending(
     query_shards: list[ShardInfo],
     cfg: PipelineConfig,
     run_dir: str,
+    precision: str,
     generated_shards: list[ShardInfo] | None = None,
 ) -> bool:
     """True when some passage, query or generated-passage embedding shard is not on disk yet."""
@@ -124,7 +127,7 @@ def _embeddings_pending(
     wanted += [("queries", s, i) for i, s in enumerate(query_shards)]
     wanted += [("generated", s, i) for i, s in enumerate(generated_shards or [])]
     for kind, shard, i in wanted:
-        fp, out = _embed_output(shard, kind, i, cfg, run_dir)
+        fp, out = _embed_output(shard, kind, i, cfg, run_dir, precision)
         if existing_shard(out, fp) is None:
             return True
     return False
@@ -136,6 +139,7 @@ def _model_work_pending(
     llm_path: str,
     cfg: PipelineConfig,
     run_dir: str,
+    precision: str,
 ) -> tuple[bool, bool]:
     """(LLM needed, embedder needed): False when every shard that model makes is on disk."""
     query_shards, generated_shards = [], []
@@ -146,7 +150,9 @@ def _model_work_pending(
             return True, True
         query_shards.append(done[0])
         generated_shards.append(done[2])
-    pending = _embeddings_pending(passage_shards, query_shards, cfg, run_dir, generated_shards)
+    pending = _embeddings_pending(
+        passage_shards, query_shards, cfg, run_dir, precision, generated_shards
+    )
     return False, pending
 
 
@@ -197,6 +203,7 @@ def ingest_task(
 
 
 @task(name="pairs", cache_policy=NO_CACHE)
+@releases_heap
 def pairs_task(
     ingested: list[dict[str, Any]], passages: list[ShardInfo], cfg: PipelineConfig, run_dir: str
 ) -> list[dict[str, Any]]:
@@ -231,6 +238,7 @@ def pairs_task(
 
 
 @task(name="dedup", cache_policy=NO_CACHE)
+@releases_heap
 def dedup_task(ingested: list[ShardInfo], cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     start = time.perf_counter()
     fp = fingerprint(
@@ -262,6 +270,7 @@ def dedup_task(ingested: list[ShardInfo], cfg: PipelineConfig, run_dir: str) -> 
 
 
 @task(name="semantic_dedup", cache_policy=NO_CACHE)
+@releases_heap
 def semantic_task(
     clusters: ShardInfo,
     passages: list[ShardInfo],
@@ -328,9 +337,10 @@ def generate_task(
     llm_path: str,
     cfg: PipelineConfig,
     run_dir: str,
+    after: Any = None,
 ) -> dict[str, Any]:
     """Queries for one passage shard, then (with generation.negative_levels) graded passages
-    written for each kept query."""
+    written for each kept query. `after`: unused, see `_Lanes`."""
     start = time.perf_counter()
     fp, (out, rej, gen_out, gen_rej) = _generate_outputs(
         shard, index, limit, llm_path, cfg, run_dir
@@ -376,15 +386,24 @@ def generate_task(
 
 @task(name="embed", cache_policy=NO_CACHE)
 def embed_task(
-    shard: ShardInfo, kind: str, index: int, embed_name: str, cfg: PipelineConfig, run_dir: str
+    shard: ShardInfo,
+    kind: str,
+    index: int,
+    embed_name: str,
+    precision: str,
+    cfg: PipelineConfig,
+    run_dir: str,
+    after: Any = None,
 ) -> dict[str, Any]:
+    """Embeddings of one shard by the embedder worker `embed_name` (running at `precision`).
+    `after`: unused, see `_Lanes`."""
     start = time.perf_counter()
     id_col, text_col, prefix = {
         "passages": ("passage_id", "text", cfg.embedding.passage_prefix),
         "generated": ("passage_id", "text", cfg.embedding.passage_prefix),
         "queries": ("query_id", "query", cfg.embedding.query_prefix),
     }[kind]
-    fp, out = _embed_output(shard, kind, index, cfg, run_dir)
+    fp, out = _embed_output(shard, kind, index, cfg, run_dir, precision)
     reused = _reuse((out, fp))
     if reused:
         return {"embeddings": reused[0], "skipped": True, "seconds": 0.0}
@@ -483,6 +502,7 @@ def _rescorer(cfg: PipelineConfig, name: str, passages: list[ShardInfo]) -> tupl
 
 
 @task(name="mine", cache_policy=NO_CACHE)
+@releases_heap
 def mine_task(
     queries: ShardInfo,
     all_queries: list[ShardInfo],
@@ -496,9 +516,11 @@ def mine_task(
     cfg: PipelineConfig,
     run_dir: str,
     rescore_name: str | None = None,
+    after: Any = None,
 ) -> dict[str, Any]:
     """Mine, filter and (optionally) judge negatives for one query shard; `generated` is its
-    (written passages, their embeddings) when the LLM wrote graded passages."""
+    (written passages, their embeddings) when the LLM wrote graded passages. `after`: unused,
+    see `_Lanes`."""
     start = time.perf_counter()
     fp, out, rej = _mine_outputs(
         queries,
@@ -580,6 +602,7 @@ def mine_task(
 
 
 @task(name="assemble", cache_policy=NO_CACHE)
+@releases_heap
 def assemble_task(
     queries: list[ShardInfo],
     candidates: list[ShardInfo],
@@ -697,6 +720,33 @@ def _results(futures: list[Any], timeout_s: float, stage: str) -> list[Any]:
     return out
 
 
+# Shards in flight per model worker: one being served, one with its inputs ready.
+MODEL_LANES = 2
+
+
+class _Lanes:
+    """Submits tasks so that at most `width` of them are scheduled at a time.
+
+    Each task gets, as its `after` argument, the future of the task `width` places before it;
+    prefect-ray hands futures in arguments to Ray as object refs, and Ray gives a task a worker
+    only once those exist. This matters for tasks that wait on a model worker: a task blocked in
+    `ray.get` lends its CPU back to Ray, which starts another worker process (~300 MB each) for
+    the next queued task. Without lanes, 25 passage shards queued on the embedder held 7 such
+    processes (2.1 GB) at 100k passages (benchmarks/pipeline_scale.py).
+    """
+
+    def __init__(self, width: int):
+        self.width = max(1, width)
+        self._futures: list[Any] = []
+
+    def submit(self, task: Any, *args: Any) -> Any:
+        n = len(self._futures)
+        after = self._futures[n - self.width] if n >= self.width else None
+        future = task.submit(*args, after=after)
+        self._futures.append(future)
+        return future
+
+
 @flow(name="build_dataset")
 def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     """Run every stage for `cfg` into `run_dir` and write manifest.json; returns the manifest."""
@@ -748,6 +798,7 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         need_llm = False
+        _, embed_precision = runtime.embedding_settings(cfg)
         if pairs_mode:  # the user's queries: no generation
             progress.info("queries from pairs")
             generated = pairs_task.submit(ingested, passage_shards, cfg, run_dir).result(
@@ -755,11 +806,11 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
             )
             wall["generate"] = time.perf_counter() - t0
             need_embedder = _embeddings_pending(
-                passage_shards, [g["queries"] for g in generated], cfg, run_dir
+                passage_shards, [g["queries"] for g in generated], cfg, run_dir, embed_precision
             )
         else:
             need_llm, need_embedder = _model_work_pending(
-                passage_shards, limits, llm_path, cfg, run_dir
+                passage_shards, limits, llm_path, cfg, run_dir, embed_precision
             )
         if llm_used and not http:
             progress.info("loading the LLM" if need_llm else "LLM not needed yet")
@@ -769,6 +820,12 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
             _check_llm_server(cfg)
         embedder = runtime.embed_worker(cfg, start=need_embedder)
         workers.append(embedder)
+        embed_lanes = _Lanes(MODEL_LANES)
+
+        def embed_shard(shard: ShardInfo, kind: str, index: int) -> Any:
+            args = (shard, kind, index, embedder.name, embed_precision, cfg, run_dir)
+            return embed_lanes.submit(embed_task, *args)
+
         wall["load_models"] = time.perf_counter() - t0 - wall.get("generate", 0.0)
         logger.info(
             "models: llm=%s, embedder=%s (%s)",
@@ -778,16 +835,14 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         )
 
         def embed_passages() -> list[Any]:
-            return [
-                embed_task.submit(s, "passages", i, embedder.name, cfg, run_dir)
-                for i, s in enumerate(passage_shards)
-            ]
+            return [embed_shard(s, "passages", i) for i, s in enumerate(passage_shards)]
 
         if not pairs_mode:
             t0 = time.perf_counter()
             llm_name = llm.name if llm is not None else None
+            gen_lanes = _Lanes(MODEL_LANES)
             gen_futs = [
-                generate_task.submit(s, i, limits[i], llm_name, llm_path, cfg, run_dir)
+                gen_lanes.submit(generate_task, s, i, limits[i], llm_name, llm_path, cfg, run_dir)
                 for i, s in enumerate(passage_shards)
             ]
             # On a CPU engine, embedding beside generation slows vLLM's spin-waiting OpenMP
@@ -802,14 +857,8 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         else:
             emb_p_futs = embed_passages()
         t0 = time.perf_counter()
-        emb_q_futs = [
-            embed_task.submit(g["queries"], "queries", i, embedder.name, cfg, run_dir)
-            for i, g in enumerate(generated)
-        ]
-        emb_g_futs = [
-            embed_task.submit(s, "generated", i, embedder.name, cfg, run_dir)
-            for i, s in enumerate(generated_shards or [])
-        ]
+        emb_q_futs = [embed_shard(g["queries"], "queries", i) for i, g in enumerate(generated)]
+        emb_g_futs = [embed_shard(s, "generated", i) for i, s in enumerate(generated_shards or [])]
         embedded = _results(emb_p_futs, timeout, "embed passages")
         passage_embs = [r["embeddings"] for r in embedded]
         embedded_q = _results(emb_q_futs, timeout, "embed queries")
@@ -856,9 +905,13 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
             rescore_name = rescorer.name
         t0 = time.perf_counter()
         llm_name = llm.name if llm is not None and llm.actor is not None else None
+        # Mine tasks that wait on a model (judge, cross-encoder) go in lanes; plain mining is
+        # CPU work, as wide as the cluster (each task holds the corpus embeddings).
+        waits = cfg.judge.enabled or rescore_name is not None
+        mine_lanes = _Lanes(MODEL_LANES if waits else runtime.cluster_cpus())
         mined = _results(
             [
-                mine_task.submit(*a[:7], llm_name, a[7], cfg, run_dir, rescore_name)
+                mine_lanes.submit(mine_task, *a[:7], llm_name, a[7], cfg, run_dir, rescore_name)
                 for a in mine_args
             ],
             timeout,
@@ -899,6 +952,7 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
                 "name": embedder.model_name,
                 "path": embedder.model_path,
                 "device": embedder.device,
+                "precision": embedder.precision,
             },
         },
         wall=wall,

@@ -92,6 +92,12 @@ def print_summary(run_dir: Path, doc: dict) -> None:
             f"graded passages written: {written['rows_out']} of {written['rows_in']} "
             f"(by grade {written['extra']['grades']})"
         )
+    emb = doc.get("models", {}).get("embedding") or {}
+    if emb:
+        console.print(
+            f"embedding: {emb['name']} ({emb['device']}, {emb.get('precision') or 'float32'}), "
+            f"{doc['stages']['embed']['rows_in']} texts in {doc['timings'].get('embed', 0):.1f} s"
+        )
     dedup = doc["stages"]["dedup"]["extra"]
     console.print(
         f"dedup clusters: {dedup['clusters']} (members by kind: {dedup['cluster_kinds']})"

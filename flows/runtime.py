@@ -20,8 +20,9 @@ import numpy as np
 import ray
 
 from schemas.config import PipelineConfig
-from tasks.embed import Embedder
+from tasks.embed import Embedder, resolve_precision
 from tasks.generate import Completion, SamplingSettings, VLLMEngine, engine_env
+from tasks.memory import return_free_heap
 from tasks.models import cache_dir, resolve_embedding_path, resolve_llm_path
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,8 @@ class LLMWorker:
 class EmbedWorker:
     """Ray actor holding one embedding model."""
 
-    def __init__(self, model_path: str, model_name: str, device: str, threads: int):
-        self.embedder = Embedder(model_path, model_name, device=device, threads=threads)
+    def __init__(self, model_path: str, model_name: str, device: str, threads: int, precision: str):
+        self.embedder = Embedder(model_path, model_name, device, threads, precision)
 
     def info(self) -> dict[str, Any]:
         return {"load_seconds": self.embedder.load_seconds, "dim": self.embedder.dim}
@@ -156,6 +157,7 @@ class RescoreWorker:
             show_progress_bar=False,
             convert_to_numpy=True,
         )
+        return_free_heap()  # a long-lived worker: see tasks/memory.py
         return np.asarray(scores, dtype=np.float32).reshape(len(queries), -1)[:, 0]
 
     def shutdown(self) -> None:
@@ -170,6 +172,7 @@ class WorkerHandle:
     model_name: str
     model_path: str
     device: str
+    precision: str | None = None
 
 
 def _get_or_create(
@@ -233,20 +236,27 @@ def _small_model_options(device: str) -> tuple[dict[str, Any], int]:
     return options, cpus if device == "cpu" else 0
 
 
-def embed_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
+def embedding_settings(cfg: PipelineConfig) -> tuple[str, str]:
+    """(device, precision) the embedder runs with, `auto` resolved once, in the driver, so that
+    every embedding shard's fingerprint and the worker agree."""
     device = pick_device(cfg.embedding.device)
+    return device, resolve_precision(cfg.embedding.precision, device)
+
+
+def embed_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
+    device, precision = embedding_settings(cfg)
     path = str(resolve_embedding_path(cfg.embedding.model_path))
-    name = _actor_name("embed", {"path": path, "device": device})
+    name = _actor_name("embed", {"path": path, "device": device, "precision": precision})
     options, threads = _small_model_options(device)
     actor, created = _get_or_create(
         EmbedWorker,
         name,
         options,
-        (path, cfg.embedding.model_name, device, threads),
+        (path, cfg.embedding.model_name, device, threads, precision),
         cfg.runtime.task_timeout_s,
         start,
     )
-    return WorkerHandle(name, actor, created, cfg.embedding.model_name, path, device)
+    return WorkerHandle(name, actor, created, cfg.embedding.model_name, path, device, precision)
 
 
 def rescore_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:

@@ -254,7 +254,14 @@ class EmbeddingConfig(_Section):
 
     model_path: str | None = None
     model_name: str = "all-MiniLM-L6-v2"
-    batch_size: int = Field(default=64, ge=1)
+    # 32 is sentence-transformers' own default; on a 2-core CPU it embedded 10-20% faster than 64.
+    batch_size: int = Field(default=32, ge=1)
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Compute precision (torch autocast). auto: bfloat16 on a CPU with native bf16 "
+        "(AVX512-BF16/AMX), float16 on CUDA, else float32. The resolved precision is part of "
+        "every embedding shard's fingerprint and is recorded in the manifest.",
+    )
     query_prefix: str = ""
     passage_prefix: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"

