@@ -12,6 +12,7 @@ Usage: .venv/bin/python benchmarks/pipeline.py  (after `make models`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,21 +35,39 @@ def used_mb() -> float:
     return (info["MemTotal"] - info["MemAvailable"]) / 1024
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak extra MB over the machine's baseline) of a command."""
+def _process_name(proc: psutil.Process) -> str:
+    """Ray names its workers after what they run (ray::EmbedWorker, ray::mine ...)."""
+    name = proc.name()
+    if name.startswith("ray::"):
+        return name
+    cmd = proc.cmdline()
+    return " ".join(Path(c).name for c in cmd[:3])[:60] if cmd else name
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, dict[str, float]]:
+    """(wall seconds, peak extra MB over the machine's baseline, {process: peak RSS MB} over the
+    command's process tree) of a command. A process is named by what it ran at its peak."""
     base, peak = used_mb(), 0.0
+    by_pid: dict[int, tuple[float, str]] = {}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
     reader.start()
+    root = psutil.Process(proc.pid)
     while proc.poll() is None:
         peak = max(peak, used_mb() - base)
+        with contextlib.suppress(psutil.Error):
+            for child in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    rss = child.memory_info().rss / 2**20
+                    if rss > by_pid.get(child.pid, (0.0, ""))[0]:
+                        by_pid[child.pid] = (rss, f"{_process_name(child)} [{child.pid}]")
         time.sleep(0.25)
     reader.join()
     if proc.returncode:
         raise SystemExit(f"{cmd} failed:\n{err[0][-3000:]}")
-    return time.perf_counter() - start, peak
+    return time.perf_counter() - start, peak, {name: rss for rss, name in by_pid.values()}
 
 
 def raw_vllm_tokens_per_s() -> tuple[float, int]:
@@ -99,10 +120,10 @@ def main() -> None:
     cli = str(Path(sys.executable).with_name("tripletforge"))
     with tempfile.TemporaryDirectory() as out:
         cmd = [cli, "run", "--config", str(CONFIG), "--output", out]
-        cold_s, peak = run_measured(cmd)
+        cold_s, peak, _ = run_measured(cmd)
         manifest = json.loads(next(Path(out).glob("*/manifest.json")).read_text())
         gen = manifest["stages"]["generate"]["extra"]
-        warm_s, _ = run_measured(cmd)
+        warm_s, _, _ = run_measured(cmd)
     stages = {k: round(v, 1) for k, v in manifest["timings"].items()}
     tps = gen["tokens_per_second"]
     print(f"pipeline generation stage: {gen['output_tokens']} tokens, {tps} tokens/s")
