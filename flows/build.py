@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from prefect import flow, get_run_logger, task
+from prefect import allow_failure, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect_ray import RayTaskRunner
 
@@ -741,7 +741,9 @@ class _Lanes:
 
     def submit(self, task: Any, *args: Any) -> Any:
         n = len(self._futures)
-        after = self._futures[n - self.width] if n >= self.width else None
+        # Ordering only: a failed earlier shard must not stop this one (its error is raised
+        # when the flow collects the results, in order).
+        after = allow_failure(self._futures[n - self.width]) if n >= self.width else None
         future = task.submit(*args, after=after)
         self._futures.append(future)
         return future
@@ -840,7 +842,8 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         if not pairs_mode:
             t0 = time.perf_counter()
             llm_name = llm.name if llm is not None else None
-            gen_lanes = _Lanes(MODEL_LANES)
+            # Over HTTP a task sends its requests itself (it never waits on an actor).
+            gen_lanes = _Lanes(runtime.cluster_cpus() if http else MODEL_LANES)
             gen_futs = [
                 gen_lanes.submit(generate_task, s, i, limits[i], llm_name, llm_path, cfg, run_dir)
                 for i, s in enumerate(passage_shards)
@@ -867,6 +870,9 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         generated_embs = [r["embeddings"] for r in embedded_g]
         embed_skipped = sum(r["skipped"] for r in embedded + embedded_q + embedded_g)
         wall["embed"] = time.perf_counter() - t0
+        if embedder.created:  # nothing after this embeds: free its memory for mining and the judge
+            runtime.shutdown_worker(embedder)
+            workers.remove(embedder)
         if cfg.dedup.semantic:
             progress.info("semantic dedup")
             t0 = time.perf_counter()
@@ -907,7 +913,7 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         llm_name = llm.name if llm is not None and llm.actor is not None else None
         # Mine tasks that wait on a model (judge, cross-encoder) go in lanes; plain mining is
         # CPU work, as wide as the cluster (each task holds the corpus embeddings).
-        waits = cfg.judge.enabled or rescore_name is not None
+        waits = (cfg.judge.enabled and not http) or rescore_name is not None
         mine_lanes = _Lanes(MODEL_LANES if waits else runtime.cluster_cpus())
         mined = _results(
             [

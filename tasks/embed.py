@@ -39,7 +39,8 @@ def resolve_precision(requested: str, device: str, flags: frozenset[str] | None 
     CPU: bfloat16 autocast where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), which
     embedded 1.8x faster than float32 on a 2-core EPYC at cosine >= 0.99997 to the float32
     vectors (benchmarks/mining.py); float32 elsewhere (emulated bf16 is slower). CUDA: float16,
-    which every CUDA GPU runs fast (bf16 needs Ampere or newer).
+    which every CUDA GPU runs fast (bf16 needs Ampere or newer). The flow resolves it once, in
+    the driver, from the driver's CPU: on a cluster whose nodes differ, set it explicitly.
     """
     if requested != "auto":
         return requested

@@ -23,13 +23,16 @@ R = TypeVar("R")
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None)  # glibc only (not macOS, musl)
-    except OSError:
-        return None
+    """glibc's malloc_trim, or None (macOS, musl, Windows). The C library already loaded in
+    the process first (CDLL(None)); find_library needs ldconfig, which slim images lack."""
+    for name in (None, ctypes.util.find_library("c")):
+        try:
+            trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+        except (OSError, TypeError):
+            continue
+        if trim is not None:
+            return trim
+    return None
 
 
 def return_free_heap() -> bool:

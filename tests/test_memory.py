@@ -4,16 +4,16 @@ tasks scheduled per model worker."""
 from __future__ import annotations
 
 import inspect
-import sys
 
 import psutil
 import pytest
+from prefect import allow_failure
 
 from flows.build import _Lanes
-from tasks.memory import releases_heap, return_free_heap
+from tasks.memory import _malloc_trim, releases_heap, return_free_heap
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+@pytest.mark.skipif(_malloc_trim() is None, reason="needs glibc's malloc_trim")
 def test_freed_heap_is_returned_to_the_os():
     proc = psutil.Process()
     blocks = [bytearray(100_000) for _ in range(3000)]  # 300 MB below glibc's mmap threshold
@@ -57,6 +57,8 @@ def test_lanes_make_each_task_wait_for_the_one_width_places_before(width):
     futures = [lanes.submit(task, i, "shard") for i in range(7)]
     assert futures == [f"future-{i}" for i in range(7)]
     assert [args for args, _ in task.calls] == [(i, "shard") for i in range(7)]
-    assert [after for _, after in task.calls] == [
-        None if i < width else f"future-{i - width}" for i in range(7)
-    ]
+    afters = [after for _, after in task.calls]
+    assert afters[:width] == [None] * width
+    # ordering only: wrapped so that a failed earlier shard does not stop this one
+    assert [a.unwrap() for a in afters[width:]] == [f"future-{i}" for i in range(7 - width)]
+    assert all(isinstance(a, allow_failure) for a in afters[width:])
