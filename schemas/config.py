@@ -159,6 +159,13 @@ class GenerationConfig(_Section):
         le=1,
         description="Reject a query when this share of its words is a verbatim run of the passage.",
     )
+    max_repeated_trigrams: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="Reject (repetitive) a query or written passage of 10+ words when more than "
+        "this share of its word 3-grams repeat an earlier one: a small model in a loop.",
+    )
     same_script: bool = Field(
         default=True,
         description="Reject (wrong_language) a query whose letters are mostly in another writing "

@@ -7,8 +7,8 @@ Three pieces, kept apart so each can be tested alone:
 - `parse_query_outputs`: completions -> queries table + rejects with a reason.
 
 Reject reasons: truncated, invalid_json, schema_mismatch, empty_query, too_short, too_long,
-copies_passage, wrong_language; every one is retried (new seed, `retry_temperature`) up to
-`retries` times before the request is rejected.
+repetitive, copies_passage, wrong_language; every one is retried (new seed,
+`retry_temperature`) up to `retries` times before the request is rejected.
 
 `generate_passages` writes graded passages (negatives at configured relevance levels) for kept
 queries in the same way (reasons as above, plus empty_passage and copies_positive).
@@ -129,9 +129,12 @@ def copy_ratio(query: str, passage: str) -> float:
     return match.size / len(q)
 
 
-def json_field(completion: Completion, name: str, limit: str) -> tuple[str | None, str | None, str]:
+def json_field(
+    completion: Completion, name: str, limit: str, max_chars: int
+) -> tuple[str | None, str | None, str]:
     """The whitespace-collapsed string `name` of a JSON object completion, or why there is
-    none: truncated, invalid_json, schema_mismatch, empty_<name>."""
+    none: truncated (by max_tokens, or cut by the grammar at the schema's maxLength, which ends
+    the string mid-word: exactly `max_chars` long), invalid_json, schema_mismatch, empty_<name>."""
     if completion.finish_reason == "length":
         return "truncated", f"hit {limit}", ""
     try:
@@ -140,23 +143,47 @@ def json_field(completion: Completion, name: str, limit: str) -> tuple[str | Non
         return "invalid_json", str(e), ""
     if not isinstance(obj, dict) or not isinstance(obj.get(name), str):
         return "schema_mismatch", f'expected {{"{name}": string}}', ""
+    if len(obj[name]) == max_chars:
+        return "truncated", f"cut at the schema's maxLength ({max_chars} chars)", obj[name]
     value = " ".join(obj[name].split())
     if not value:
         return f"empty_{name}", None, ""
     return None, None, value
 
 
+def repeated_trigram_share(text: str) -> float:
+    """Share of the word 3-grams of `text` that repeat an earlier one (0 for fewer than 10
+    words): a small model stuck in a loop ("the most recent version of the log is the most
+    recent version of the log ...") scores high, prose scores near 0. Gopher's quality rules
+    use the same signal."""
+    words = _words(text)
+    if len(words) < 10:
+        return 0.0
+    grams = list(zip(words, words[1:], words[2:], strict=False))
+    return 1 - len(set(grams)) / len(grams)
+
+
+def _repetitive(text: str, cfg: GenerationConfig) -> str | None:
+    share = repeated_trigram_share(text)
+    if share > cfg.max_repeated_trigrams:
+        return f"{share:.0%} of word 3-grams repeat (> {cfg.max_repeated_trigrams:.0%})"
+    return None
+
+
 def check_query(
     completion: Completion, passage: str, cfg: GenerationConfig
 ) -> tuple[str | None, str | None, str]:
     """(reason, detail, query) for one completion; reason None means the query is kept."""
-    reason, detail, query = json_field(completion, "query", f"max_tokens={cfg.max_tokens}")
+    limit = f"max_tokens={cfg.max_tokens}"
+    reason, detail, query = json_field(completion, "query", limit, cfg.max_query_chars)
     if reason is not None:
         return reason, detail, query
     if len(query) < cfg.min_query_chars:
         return "too_short", f"{len(query)} < {cfg.min_query_chars} chars", query
     if len(query) > cfg.max_query_chars:
         return "too_long", f"{len(query)} > {cfg.max_query_chars} chars", query
+    if (detail := _repetitive(query, cfg)) is not None:
+        return "repetitive", detail, query
     ratio = copy_ratio(query, passage)
     if len(_words(query)) >= 4 and ratio >= cfg.max_copy_ratio:
         return "copies_passage", f"copy ratio {ratio:.2f} >= {cfg.max_copy_ratio}", query
@@ -195,6 +222,7 @@ RETRYABLE = frozenset(
         "copies_passage",
         "copies_positive",
         "wrong_language",
+        "repetitive",
     }
 )
 
@@ -375,11 +403,13 @@ def check_passage(
 ) -> tuple[str | None, str | None, str]:
     """(reason, detail, passage) for one written passage; reason None means it is kept."""
     limit = f"max_passage_tokens={cfg.max_passage_tokens}"
-    reason, detail, text = json_field(completion, "passage", limit)
+    reason, detail, text = json_field(completion, "passage", limit, MAX_PASSAGE_CHARS)
     if reason is not None:
         return reason, detail, text
     if len(text) < MIN_PASSAGE_CHARS:
         return "too_short", f"{len(text)} < {MIN_PASSAGE_CHARS} chars", text
+    if (detail := _repetitive(text, cfg)) is not None:
+        return "repetitive", detail, text
     # A written "negative" that repeats the positive is a false negative by construction.
     ratio = copy_ratio(text, positive)
     if len(_words(text)) >= 4 and ratio >= cfg.max_copy_ratio:

@@ -16,6 +16,7 @@ from tasks.generate import (
     copy_ratio,
     dominant_script,
     generate_queries,
+    repeated_trigram_share,
 )
 from tasks.prompts import PROMPTS
 from tests.helpers import passages
@@ -66,7 +67,13 @@ def test_requests_per_style_with_stable_seeds_and_truncated_passage():
         (done(["what is a heap"]), "schema_mismatch"),
         (done({"query": "   "}), "empty_query"),
         (done({"query": "heap"}), "too_short"),
-        (done({"query": "why " * 30}), "too_long"),
+        (done({"query": "why " * 30}), "too_long"),  # a server that ignores the schema
+        # the grammar closes the string at maxLength (80 here): the query ends mid-word
+        (
+            done({"query": ("how does the heap queue algorithm keep the smallest item " * 2)[:80]}),
+            "truncated",
+        ),
+        (done({"query": "what is the operator of the operator of the operator of"}), "repetitive"),
         (
             done({"query": "The heapq module provides an implementation of the heap queue"}),
             "copies_passage",
@@ -199,3 +206,18 @@ def test_query_schema_is_a_closed_object():
     schema = query_json_schema(50)
     assert schema["required"] == ["query"] and schema["additionalProperties"] is False
     assert schema["properties"]["query"]["maxLength"] == 50
+
+
+def test_repeated_trigram_share_tells_a_loop_from_prose():
+    assert repeated_trigram_share("a b c a b c a b c") == 0.0  # under 10 words: not judged
+    assert repeated_trigram_share(PASSAGE) < 0.05
+    loop = "the most recent version of the log record format is " * 4
+    assert repeated_trigram_share(loop) > 0.6
+    assert GenerationConfig().max_repeated_trigrams == 0.2
+    off = GenerationConfig(max_repeated_trigrams=1.0)
+    assert (
+        check_query(
+            done({"query": loop[:79]}), PASSAGE, off.model_copy(update={"max_query_chars": 80})
+        )[0]
+        is None
+    )

@@ -267,6 +267,11 @@ def test_generated_passages_become_graded_candidates_with_scores():
             "wrong_language",
         ),
         (done({"passage": "A stack is a last-in first-out structure with push and pop."}), None),
+        (
+            done({"passage": "The stack is the stack of the stack of the stack of the stack."}),
+            "repetitive",
+        ),
+        (done({"passage": ("A stack holds items. " * 80)[:1200]}), "truncated"),  # maxLength cut
     ],
 )
 def test_written_passage_checks(completion, reason):
