@@ -171,6 +171,15 @@ class GenerationConfig(_Section):
         description="Reject (wrong_language) a query whose letters are mostly in another writing "
         "system than its passage's (Latin vs Cyrillic vs CJK ...).",
     )
+    language_min_odds: float | None = Field(
+        default=100.0,
+        gt=1,
+        description="Reject (wrong_language) a query or written passage of 3+ words that a "
+        "language identifier (py3langid) finds at least this many times likelier to be in "
+        "another language than in its passage's, when the passage's own language is clear "
+        "(p >= 0.9). English queries and passages of the demo score at most 2.9; French, "
+        "German, Dutch and Spanish ones 390 or more. null: writing system only.",
+    )
     retries: int = Field(
         default=1, ge=0, le=3, description="Re-ask a rejected request this many times."
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -187,8 +188,8 @@ def check_query(
     ratio = copy_ratio(query, passage)
     if len(_words(query)) >= 4 and ratio >= cfg.max_copy_ratio:
         return "copies_passage", f"copy ratio {ratio:.2f} >= {cfg.max_copy_ratio}", query
-    if cfg.same_script and not same_script(query, passage):
-        return "wrong_language", f"{dominant_script(query)} vs {dominant_script(passage)}", query
+    if (detail := language_mismatch(query, passage, cfg)) is not None:
+        return "wrong_language", detail, query
     return None, None, query
 
 
@@ -208,6 +209,48 @@ def same_script(text: str, reference: str) -> bool:
     (a language identifier would be needed for that)."""
     a, b = dominant_script(text), dominant_script(reference)
     return a is None or b is None or a == b
+
+
+# A reference (passage) whose own language is less certain than this is not compared against.
+REFERENCE_LANGUAGE_MIN_PROB = 0.9
+LANGUAGE_MIN_WORDS = 3
+
+
+@functools.cache
+def _language_identifier() -> Any:
+    """py3langid's model (97 languages, shipped in its wheel), loaded once per process (0.7 s);
+    it is read-only, so sharing it between calls is safe."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def language_odds(text: str, reference: str) -> tuple[str, str, float] | None:
+    """(text's likeliest language, reference's language, how many times likelier the text is in
+    its likeliest language than in the reference's); None when the reference's own language is
+    unclear (code, lists of names) or the text has fewer than 3 words."""
+    if len(_words(text)) < LANGUAGE_MIN_WORDS:
+        return None
+    identifier = _language_identifier()
+    ref_lang, ref_prob = identifier.classify(reference)
+    if ref_prob < REFERENCE_LANGUAGE_MIN_PROB:
+        return None
+    probs = dict(identifier.rank(text))
+    top = max(probs, key=probs.__getitem__)
+    return top, ref_lang, float(probs[top] / max(probs.get(ref_lang, 0.0), 1e-12))
+
+
+def language_mismatch(text: str, reference: str, cfg: GenerationConfig) -> str | None:
+    """Why `text` is not in `reference`'s language, or None: first the writing system (Latin vs
+    Cyrillic vs CJK ...), then a language identifier's odds (English vs French ...)."""
+    if cfg.same_script and not same_script(text, reference):
+        return f"{dominant_script(text)} vs {dominant_script(reference)}"
+    if cfg.language_min_odds is None:
+        return None
+    odds = language_odds(text, reference)
+    if odds is not None and odds[0] != odds[1] and odds[2] >= cfg.language_min_odds:
+        return f"{odds[0]} vs {odds[1]} (odds {min(odds[2], 1e9):.3g})"
+    return None
 
 
 RETRYABLE = frozenset(
@@ -414,8 +457,8 @@ def check_passage(
     ratio = copy_ratio(text, positive)
     if len(_words(text)) >= 4 and ratio >= cfg.max_copy_ratio:
         return "copies_positive", f"copy ratio {ratio:.2f} >= {cfg.max_copy_ratio}", text
-    if cfg.same_script and not same_script(text, positive):
-        return "wrong_language", f"{dominant_script(text)} vs {dominant_script(positive)}", text
+    if (detail := language_mismatch(text, positive, cfg)) is not None:
+        return "wrong_language", detail, text
     return None, None, text
 
 

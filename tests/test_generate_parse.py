@@ -16,6 +16,7 @@ from tasks.generate import (
     copy_ratio,
     dominant_script,
     generate_queries,
+    language_odds,
     repeated_trigram_share,
 )
 from tasks.prompts import PROMPTS
@@ -192,8 +193,42 @@ def test_no_retry_when_retries_is_zero():
 def test_wrong_language_by_writing_system(text, reason):
     got, _, _ = check_query(done({"query": text}), PASSAGE, CFG)
     assert got == reason
-    off = CFG.model_copy(update={"same_script": False})
+    off = CFG.model_copy(update={"same_script": False, "language_min_odds": None})
     assert check_query(done({"query": text}), PASSAGE, off)[0] is None
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("Quelle fonction ordonne les éléments d'un tas ?", "wrong_language"),
+        ("Wie ordnet das Modul die Elemente eines Heaps?", "wrong_language"),
+        ("¿Cómo se ordena un montón en Python?", "wrong_language"),
+        ("Hoe sorteer ik een heap in Python?", "wrong_language"),
+        ("fonction copie fichier métadonnées", "wrong_language"),  # French keywords
+        ("how is a heap ordered in python", None),
+        ("heapq priority queue parent child", None),  # English keywords, mostly names
+        ("heapq.heappush(heap, item)", None),  # code: no language is much likelier
+    ],
+)
+def test_wrong_language_by_language_identifier(text, reason):
+    got, detail, _ = check_query(done({"query": text}), PASSAGE, CFG)
+    assert got == reason, detail
+    off = CFG.model_copy(update={"language_min_odds": None})
+    assert check_query(done({"query": text}), PASSAGE, off)[0] is None  # same (Latin) script
+
+
+def test_language_odds_threshold_and_unclear_reference():
+    french = "Quelle fonction ordonne les éléments d'un tas ?"
+    top, ref, odds = language_odds(french, PASSAGE)
+    assert (top, ref) == ("fr", "en") and odds > 100
+    at = CFG.model_copy(update={"language_min_odds": odds})  # boundary: odds >= threshold
+    assert check_query(done({"query": french}), PASSAGE, at)[0] == "wrong_language"
+    above = CFG.model_copy(update={"language_min_odds": odds * 1.01})
+    assert check_query(done({"query": french}), PASSAGE, above)[0] is None
+    # A passage that is code has no clear language: nothing to compare a query with.
+    code = "x = heapq.heappop(h); y = heapq.heappush(h, (p, i)); del h[0]"
+    assert language_odds(french, code) is None
+    assert language_odds("heap", PASSAGE) is None  # one word says nothing
 
 
 def test_dominant_script():

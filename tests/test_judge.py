@@ -268,6 +268,10 @@ def test_generated_passages_become_graded_candidates_with_scores():
         ),
         (done({"passage": "A stack is a last-in first-out structure with push and pop."}), None),
         (
+            done({"passage": "Une pile est une structure où le dernier entré sort le premier."}),
+            "wrong_language",
+        ),
+        (
             done({"passage": "The stack is the stack of the stack of the stack of the stack."}),
             "repetitive",
         ),
