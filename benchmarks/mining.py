@@ -8,7 +8,7 @@ default), MiniLM on CPU. Both sides embed the corpus and the queries themselves:
 ~99.9% of either run, so what decides the ratio is how each embeds.
 
 - this project: its Embedder at `embedding.precision: auto` (bfloat16 autocast where the CPU
-  multiplies bf16 natively, float32 elsewhere);
+  multiplies bf16 natively, float32 elsewhere) and the default `pad_to_multiple_of` (32);
 - sentence-transformers as users call it (the model in float32);
 - sentence-transformers with the very same autocast, to show where the difference comes from
   (search and filters are not it).
@@ -39,19 +39,20 @@ import contextlib  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from dedup import base_corpus  # noqa: E402
 
-from schemas.config import MiningConfig  # noqa: E402
+from schemas.config import EmbeddingConfig, MiningConfig  # noqa: E402
 from schemas.tables import CLUSTERS  # noqa: E402
 from tasks.embed import Embedder, resolve_precision  # noqa: E402
 from tasks.mine import mine_negatives  # noqa: E402
 from tasks.models import minilm_path  # noqa: E402
 
 NEGATIVES, MAX_RANK, BATCH = 4, 30, 32
+PAD = EmbeddingConfig().pad_to_multiple_of  # the pipeline's default token padding
 
 
 def ours(model: Embedder, passages: list[str], queries: list[str], positives: list[int]):
     start = time.perf_counter()
-    corpus = model.encode(passages, batch_size=BATCH)
-    q = model.encode(queries, batch_size=BATCH)
+    corpus = model.encode(passages, batch_size=BATCH, pad_to_multiple_of=PAD)
+    q = model.encode(queries, batch_size=BATCH, pad_to_multiple_of=PAD)
     embedded = time.perf_counter()
     ids = [str(i) for i in range(len(passages))]
     table = pa.table(
@@ -127,7 +128,9 @@ def main() -> None:
 
     fp32 = Embedder(path, "all-MiniLM-L6-v2", threads=threads)
     sample = passages[:200]
-    cosine = (embedder.encode(sample, BATCH) * fp32.encode(sample, BATCH)).sum(axis=1)
+    cosine = (
+        embedder.encode(sample, BATCH, pad_to_multiple_of=PAD) * fp32.encode(sample, BATCH)
+    ).sum(axis=1)
     ov, n_both = overlap(chosen_ours, chosen_st)
     ov_ac, _ = overlap(chosen_ours, chosen_st_ac)
     print(

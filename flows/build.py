@@ -410,7 +410,9 @@ def embed_task(
     table = pq.read_table(shard.path, columns=[id_col, text_col])
     actor = ray.get_actor(embed_name, namespace=runtime.NAMESPACE)
     texts = table.column(text_col).to_pylist()
-    ref = actor.encode.remote(texts, cfg.embedding.batch_size, prefix)
+    ref = actor.encode.remote(
+        texts, cfg.embedding.batch_size, prefix, cfg.embedding.pad_to_multiple_of
+    )
     vectors = ray.get(ref, timeout=cfg.runtime.task_timeout_s)
     emb = embed.embeddings_table(table.column(id_col).to_pylist(), vectors)
     info = write_parquet_atomic(emb, out, fp, None, {"texts": len(texts)})

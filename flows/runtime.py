@@ -123,8 +123,10 @@ class EmbedWorker:
     def info(self) -> dict[str, Any]:
         return {"load_seconds": self.embedder.load_seconds, "dim": self.embedder.dim}
 
-    def encode(self, texts: list[str], batch_size: int, prefix: str) -> np.ndarray:
-        return self.embedder.encode(texts, batch_size=batch_size, prefix=prefix)
+    def encode(
+        self, texts: list[str], batch_size: int, prefix: str, pad_to_multiple_of: int | None
+    ) -> np.ndarray:
+        return self.embedder.encode(texts, batch_size, prefix, pad_to_multiple_of)
 
     def shutdown(self) -> None:
         self.embedder = None  # type: ignore[assignment]

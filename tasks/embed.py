@@ -94,15 +94,30 @@ class Embedder:
 
         return torch.autocast(self._device_type, dtype=self._autocast_dtype)
 
-    def encode(self, texts: list[str], batch_size: int = 32, prefix: str = "") -> np.ndarray:
+    def encode(
+        self,
+        texts: list[str],
+        batch_size: int = 32,
+        prefix: str = "",
+        pad_to_multiple_of: int | None = None,
+    ) -> np.ndarray:
+        """`pad_to_multiple_of` bounds the number of distinct input shapes the model ever sees
+        (see EmbeddingConfig.pad_to_multiple_of); padded tokens are masked out of attention and
+        pooling, so vectors agree with unpadded ones to rounding."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        padding = (
+            {"processing_kwargs": {"text": {"pad_to_multiple_of": pad_to_multiple_of}}}
+            if pad_to_multiple_of
+            else {}
+        )
         with self._autocast():
             vectors = self.model.encode(
                 [prefix + t for t in texts] if prefix else texts,
                 batch_size=batch_size,
                 convert_to_numpy=True,
                 show_progress_bar=False,
+                **padding,
             )
         return_free_heap()  # this worker lives long: see tasks/memory.py
         # Normalized here, in float32: under autocast the model's output may be half precision.

@@ -62,3 +62,26 @@ def test_bfloat16_vectors_match_float32_and_stay_unit_length():
     # nearest neighbours (what mining ranks) agree; a near-tie may flip under bf16 rounding
     same = (half @ half.T).argsort(axis=1)[:, -2] == (full @ full.T).argsort(axis=1)[:, -2]
     assert same.mean() >= 0.95, same.mean()
+
+
+@pytest.mark.slow
+def test_padding_bounds_the_shapes_the_model_sees_and_keeps_the_vectors():
+    """Padded batches reach the model at multiples of 32 tokens (a bounded set of shapes, so a
+    bounded kernel cache) and give the same vectors as unpadded ones."""
+    texts = [r["text"] for r in sample_rows(48)] + ["how do I parse json", "x"]
+    embedder = Embedder(str(minilm_path()), "all-MiniLM-L6-v2", precision="float32")
+    lengths: list[int] = []
+    hook = embedder.model[0].auto_model.embeddings.register_forward_pre_hook(
+        lambda _module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+        with_kwargs=True,
+    )
+    try:
+        plain = embedder.encode(texts, batch_size=8)
+        plain_lengths, lengths[:] = list(lengths), []
+        padded = embedder.encode(texts, batch_size=8, pad_to_multiple_of=32)
+    finally:
+        hook.remove()
+    assert len(lengths) == len(plain_lengths) == 7  # 50 texts in batches of 8
+    assert all(n % 32 == 0 for n in lengths), lengths
+    assert any(n % 32 for n in plain_lengths), plain_lengths
+    assert ((padded * plain).sum(axis=1)).min() > 0.99999

@@ -54,6 +54,7 @@ def test_embedder_vectors_are_normalized_and_semantic(model_workers):
             ],
             8,
             "",
+            32,
         )
     )
     assert vecs.shape == (3, 384)
