@@ -36,9 +36,17 @@ def test_same_seed_same_output(model_workers):
     llm, _ = model_workers
     conv = [PROMPTS["question"].messages(sample_rows(1)[0]["text"])]
     sampling = SamplingSettings(48, 0.8, 0.95)
-    a = ray.get(llm.actor.chat_json.remote(conv, query_json_schema(120), sampling, [7]))
-    b = ray.get(llm.actor.chat_json.remote(conv, query_json_schema(120), sampling, [7]))
-    assert a[0].text == b[0].text
+
+    def sample(seed: int) -> str:
+        outs = ray.get(llm.actor.chat_json.remote(conv, query_json_schema(120), sampling, [seed]))
+        return outs[0].text
+
+    # The first request with a prompt prefills it; later ones read its KV blocks from vLLM's
+    # prefix cache, whose numerics differ slightly in bf16 and can flip a near-tie token. So a
+    # seed repeats a sample for the same engine state: warm the cache, then compare.
+    sample(0)
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in (1, 2, 3)}) > 1  # the seed is used
 
 
 def test_embedder_vectors_are_normalized_and_semantic(model_workers):
