@@ -44,10 +44,12 @@ from tasks import pairs as pair_queries
 from tasks.io import (
     existing_shard,
     fingerprint,
+    ids_in,
     read_tables,
     sha256_file,
     slice_table,
     write_parquet_atomic,
+    write_sorted_shards,
 )
 from tasks.memory import releases_heap
 from tasks.models import resolve_llm_path
@@ -223,7 +225,7 @@ def pairs_task(
     queries, duplicates = pair_queries.queries_from_pairs(
         read_tables([r["pairs"].path for r in pair_files], PAIRS),
         read_tables([r["passages"].path for r in pair_files], PASSAGES),
-        read_tables([s.path for s in passages], PASSAGES),
+        [s.path for s in passages],
     )
     parts = slice_table(queries.sort_by("query_id"), cfg.output.shard_size)
     n_pairs = sum(r["pairs"].rows for r in pair_files)
@@ -250,21 +252,25 @@ def dedup_task(ingested: list[ShardInfo], cfg: PipelineConfig, run_dir: str) -> 
         shards = _reuse_parts(Path(run_dir) / "passages", fp, done.stats["shards"])
         if shards is not None:
             return {"passages": shards, "clusters": done, "skipped": True, "seconds": 0.0}
-    passages = read_tables([s.path for s in ingested], PASSAGES)
-    result = dedup.deduplicate(passages, cfg.dedup)
-    kept = result.passages.sort_by("passage_id")
-    parts = slice_table(kept, cfg.output.shard_size)
-    shards = [
-        write_parquet_atomic(t, Path(run_dir) / "passages" / _part(i), fp, PASSAGES)
-        for i, t in enumerate(parts)
-    ]
+    files = [s.path for s in ingested]
+    plan = dedup.plan_dedup(files, cfg.dedup)
+    # The kept rows, sorted by passage_id (an external sort: no task holds every text at once).
+    shards = write_sorted_shards(
+        files,
+        plan.keep,
+        "passage_id",
+        cfg.output.shard_size,
+        Path(run_dir) / "passages",
+        fp,
+        PASSAGES,
+    )
     stats = {
-        "deduplicated": result.deduplicated,
+        "deduplicated": plan.deduplicated,
         "shards": len(shards),
-        "clusters": len(set(result.clusters.column("cluster_id").to_pylist())),
-        "cluster_kinds": dict(collections.Counter(result.clusters.column("kind").to_pylist())),
+        "clusters": len(set(plan.clusters.column("cluster_id").to_pylist())),
+        "cluster_kinds": dict(collections.Counter(plan.clusters.column("kind").to_pylist())),
     }
-    clusters = write_parquet_atomic(result.clusters, clusters_path, fp, CLUSTERS, stats)
+    clusters = write_parquet_atomic(plan.clusters, clusters_path, fp, CLUSTERS, stats)
     seconds = time.perf_counter() - start
     return {"passages": shards, "clusters": clusters, "skipped": False, "seconds": seconds}
 
@@ -292,7 +298,7 @@ def semantic_task(
     ids, vectors = embed.table_to_matrix(read_tables([s.path for s in passage_embs]))
     table = dedup.semantic_clusters(
         pq.read_table(clusters.path),
-        read_tables([s.path for s in passages], PASSAGES),
+        read_tables([s.path for s in passages], PASSAGES, columns=["passage_id", "source", "row"]),
         ids,
         vectors,
         cfg.dedup.semantic_threshold,
@@ -459,11 +465,12 @@ def _consistency_top_k(cfg: PipelineConfig) -> int | None:
 
 
 def _passage_texts(shards: list[ShardInfo], ids: list[str]) -> dict[str, str]:
-    """passage_id -> text for these ids only (read with a filter, not whole into a dict)."""
+    """passage_id -> text for these ids only (each shard filtered as it is read)."""
     if not ids:
         return {}
-    wanted = pc.is_in(pc.field("passage_id"), value_set=pa.array(sorted(set(ids)), pa.string()))
-    table = read_tables([s.path for s in shards], PASSAGES).filter(wanted)
+    table = read_tables(
+        [s.path for s in shards], columns=["passage_id", "text"], where=ids_in("passage_id", ids)
+    )
     return dict(zip(table["passage_id"].to_pylist(), table["text"].to_pylist(), strict=True))
 
 
@@ -625,10 +632,23 @@ def assemble_task(
         cfg.mining.num_negatives,
     )
     root = Path(run_dir)
+    query_table = read_tables([s.path for s in queries], QUERIES)
+    # Only the candidates that reach a triplet, and the texts of those and of the positives.
+    used = read_tables(
+        [s.path for s in candidates],
+        CANDIDATES,
+        where=pc.field("kept") | (pc.field("reason") == mine.RELABELED),
+    )
+    ids = query_table["passage_id"].to_pylist() + used["passage_id"].to_pylist()
     triplets = assemble.assemble_triplets(
-        read_tables([s.path for s in queries], QUERIES),
-        read_tables([s.path for s in passages], PASSAGES),
-        read_tables([s.path for s in candidates], CANDIDATES),
+        query_table,
+        read_tables(
+            [s.path for s in passages],
+            PASSAGES,
+            columns=["passage_id", "text"],
+            where=ids_in("passage_id", ids),
+        ),
+        used,
         pq.read_table(clusters.path),
         cfg.split,
         read_tables([s.path for s in generated], GENERATED) if generated else None,

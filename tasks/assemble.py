@@ -12,6 +12,7 @@ import pyarrow as pa
 from schemas.config import SplitConfig
 from schemas.tables import TRIPLETS
 from tasks.io import write_bytes_atomic
+from tasks.mine import RELABELED
 
 
 def split_of(group: str, cfg: SplitConfig) -> str:
@@ -61,14 +62,18 @@ def assemble_triplets(
     text = pl.from_arrow(passages.select(["passage_id", "text"]))
     if generated is not None and generated.num_rows:
         text = pl.concat([text, pl.from_arrow(generated.select(["passage_id", "text"]))])
-    cands = pl.from_arrow(candidates).join(text, on="passage_id", how="left")
+    cands = (
+        pl.from_arrow(candidates)
+        .filter(pl.col("kept") | (pl.col("reason") == RELABELED))
+        .join(text, on="passage_id", how="left")
+    )
     kept = _passage_list(cands.filter(pl.col("kept")), "negatives").join(
         cands.filter(pl.col("kept"))
         .group_by("query_id")
         .agg(pl.col("positive_score").first(), pl.col("positive_rank").first()),
         on="query_id",
     )
-    extra = _passage_list(cands.filter(pl.col("reason") == "relabeled_positive"), "extra_positives")
+    extra = _passage_list(cands.filter(pl.col("reason") == RELABELED), "extra_positives")
     cluster_of = pl.from_arrow(clusters.select(["passage_id", "cluster_id"])).unique("passage_id")
     df = (
         pl.from_arrow(queries.select(["query_id", "query", "style", "passage_id"]))

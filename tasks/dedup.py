@@ -13,6 +13,12 @@
 Clusters are the connected components over exact and near edges; the canonical member is the
 first by (source, row), and each member records its kind and Jaccard similarity to it.
 
+`plan_dedup` streams: it reads the corpus (tables or Parquet shards) a batch at a time and keeps,
+per passage, only its id, place, a 128-bit key of its folded text and one 64-bit hash per LSH
+band; texts are read a second time only for the rows of LSH candidate pairs, to verify them.
+The flow then writes the kept rows sorted by passage_id with a bounded external sort
+(`tasks.io.write_sorted_shards`), so no step holds the corpus's texts at once.
+
 - **Semantic** duplicates (optional, after embedding): `semantic_clusters` joins passages whose
   embedding cosine is >= a threshold (paraphrases that share few words) into the clusters, as
   kind `semantic` with the cosine as similarity. They too stay in the corpus; mining never
@@ -26,10 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from rensa import RMinHash, RMinHashLSH
+from rensa import RMinHash
 
 from schemas.config import DedupConfig
 from schemas.tables import CLUSTERS, PASSAGES
+from tasks.io import Source, iter_batches, row_count
 
 
 @dataclass
@@ -81,129 +88,265 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b)
 
 
-# Passages shingled at once while computing signatures: only one batch of shingle sets (~10 KB a
-# passage as Python strings) is ever alive, the signatures (num_perm x 4 bytes) are kept.
+# Rows read, folded and signed at once: one batch of texts and their shingles is alive at a
+# time; what is kept per passage is its id, place, exact key and one 64-bit hash per LSH band
+# (num_bands x 8 bytes).
 SIGNATURE_BATCH = 8192
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio)
+
+
+def shingle_hashes(folded: pl.Series, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes, offsets): 64-bit hashes of the word shingles of each folded, non-empty text,
+    flat, text k's in hashes[offsets[k]:offsets[k + 1]]. The same shingles as `shingles_of`
+    (a text shorter than `size` words is one shingle), made in Polars rather than Python."""
+    words = pl.DataFrame({"text": folded}).with_row_index("doc")
+    words = words.with_columns(pl.col("text").str.split(" ").alias("word"))
+    words = words.with_columns(pl.col("word").list.len().alias("n")).explode("word")
+    doc = pl.col("doc")
+    shingle = (
+        pl.when(pl.col("n") < size)
+        .then(pl.when(doc != doc.shift(1).fill_null(-1)).then(pl.col("text")))
+        .when(doc.shift(-(size - 1)) == doc)
+        .then(pl.concat_str([pl.col("word").shift(-k) for k in range(size)], separator=" "))
+    )
+    flat = words.select(doc, shingle.alias("shingle")).drop_nulls("shingle")
+    hashes = flat["shingle"].hash(seed=3).to_numpy()
+    counts = flat.group_by("doc", maintain_order=True).len()["len"].to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
+    return hashes, offsets
+
+
+def band_hashes(folded: pl.Series, cfg: DedupConfig) -> np.ndarray:
+    """(len(folded), num_bands) uint64 for non-empty folded texts: each band of a text's MinHash
+    signature (rensa, over its word shingles) hashed to one number. Two texts are an LSH
+    candidate pair when any band's hash is equal; a collision of different bands only adds a
+    candidate that verification rejects."""
+    if folded.len() == 0:
+        return np.empty((0, cfg.num_bands), dtype=np.uint64)
+    hashes, offsets = shingle_hashes(folded, cfg.shingle_size)
+    digests = RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, cfg.num_perm, cfg.seed)
+    signatures = np.asarray(digests.to_rows(), dtype=np.uint64).reshape(
+        folded.len(), cfg.num_bands, cfg.num_perm // cfg.num_bands
+    )
+    hashed = np.zeros(signatures.shape[:2], dtype=np.uint64)
+    for k in range(signatures.shape[2]):  # polynomial hash of the band's values, mod 2**64
+        hashed = hashed * _MIX + signatures[:, :, k] + np.uint64(1)
+    return hashed
+
+
+def lsh_candidates(bands: np.ndarray) -> np.ndarray:
+    """(m, 2) int64 row pairs (i < j, unique) whose hashes are equal in at least one band.
+
+    One band at a time: sort its hashes, take runs of equal ones. Runs of two (the common case)
+    are paired in one vectorized step; longer runs give all their pairs."""
+    n = bands.shape[0]
+    found: list[np.ndarray] = []
+    for b in range(bands.shape[1]):
+        order = np.argsort(bands[:, b], kind="stable")
+        hashes = bands[order, b]
+        starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+        lengths = np.diff(np.r_[starts, n])
+        two = starts[lengths == 2]
+        found.append(np.stack([order[two], order[two + 1]], axis=1))
+        for start, length in zip(starts[lengths > 2], lengths[lengths > 2], strict=True):
+            members = order[start : start + length]
+            i, j = np.triu_indices(length, 1)
+            found.append(np.stack([members[i], members[j]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.sort(np.concatenate(found).astype(np.int64), axis=1)
+    codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
+    return np.stack([codes // n, codes % n], axis=1)
+
+
+def verified_pairs(
+    candidates: np.ndarray, shingles: dict[int, frozenset[str]], threshold: float
+) -> list[tuple[int, int, float]]:
+    """(i, j, jaccard) of the candidate pairs whose exact shingle Jaccard is >= threshold."""
+    pairs = []
+    for i, j in candidates.tolist():
+        sim = jaccard(shingles[i], shingles[j])
+        if sim >= threshold:
+            pairs.append((i, j, sim))
+    return pairs
 
 
 def near_duplicate_pairs(
     folded: list[str], cfg: DedupConfig, batch_size: int = SIGNATURE_BATCH
 ) -> list[tuple[int, int, float]]:
     """(i, j, jaccard) with i < j for every pair of folded texts whose verified shingle Jaccard
-    >= cfg.near_threshold.
-
-    Memory follows the signatures, not the shingles: signatures are computed batch by batch,
-    and shingle sets are made again only for the texts of LSH candidate pairs, to verify them.
-    """
-    size = cfg.shingle_size
-    rows = [i for i, text in enumerate(folded) if text.strip()]  # a text with no words has none
+    >= cfg.near_threshold (texts in memory: queries, benchmarks; `plan_dedup` streams)."""
+    rows = np.array([i for i, text in enumerate(folded) if text.strip()], dtype=np.int64)
     if len(rows) < 2:
         return []
-    minhashes = []
-    for start in range(0, len(rows), batch_size):
-        chunk = [list(shingles_of(folded[i], size)) for i in rows[start : start + batch_size]]
-        minhashes += RMinHash.from_token_sets(chunk, cfg.num_perm, cfg.seed)
-    lsh = RMinHashLSH(cfg.near_threshold, cfg.num_perm, cfg.num_bands)
-    lsh.insert_many(minhashes)
-    candidates = [
-        (rows[a], rows[b])
-        for a, found in enumerate(lsh.query_all(minhashes))
-        for b in found
-        if b > a
+    bands = np.concatenate(
+        [
+            band_hashes(pl.Series([folded[i] for i in rows[start : start + batch_size]]), cfg)
+            for start in range(0, len(rows), batch_size)
+        ]
+    )
+    candidates = rows[lsh_candidates(bands)]
+    involved = np.unique(candidates).tolist()
+    shingles = {i: shingles_of(folded[i], cfg.shingle_size) for i in involved}
+    return verified_pairs(candidates, shingles, cfg.near_threshold)
+
+
+def components(n: int, edges: np.ndarray) -> np.ndarray:
+    """For each of n nodes, the smallest node of its connected component ((m, 2) edges)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    edges = edges.reshape(-1, 2)
+    graph = coo_matrix(
+        (np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n)
+    )
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(n, dtype=np.int64))
+    return smallest[labels]
+
+
+@dataclass
+class DedupPlan:
+    """What dedup decided, without any passage text: which rows stay and the clusters."""
+
+    keep: pa.Table  # (shard, position) of each row that stays (one per exact group)
+    clusters: pa.Table  # every member of every cluster of size > 1
+    rows_in: int
+
+    @property
+    def deduplicated(self) -> int:
+        return self.rows_in - self.keep.num_rows
+
+
+def _scan(sources: list[Source], cfg: DedupConfig) -> tuple[pl.DataFrame, np.ndarray | None]:
+    """One pass over the corpus: per row its identity, exact key and LSH band hashes (rows
+    in scan order; a row with no words gets no bands)."""
+    columns = ["passage_id", "text", "source", "row"]
+    frames, start = [], 0
+    bands = np.zeros((row_count(sources), cfg.num_bands), dtype=np.uint64) if cfg.near else None
+    for shard, offset, batch in iter_batches(sources, columns, SIGNATURE_BATCH):
+        df = pl.from_arrow(batch).with_columns(folded_text().alias("_folded"))
+        has_words = pl.col("_folded").str.len_bytes() > 0
+        frames.append(
+            df.select(
+                "passage_id",
+                "source",
+                "row",
+                pl.lit(shard, dtype=pl.Int32).alias("shard"),
+                pl.int_range(offset, offset + df.height, dtype=pl.Int64).alias("position"),
+                # 128 bits of the folded text: equal keys are equal texts
+                pl.col("_folded").hash(seed=1).alias("k1"),
+                pl.col("_folded").hash(seed=2).alias("k2"),
+                has_words.alias("has_words"),
+            )
+        )
+        if bands is not None:
+            rows = start + np.flatnonzero(frames[-1]["has_words"].to_numpy())
+            bands[rows] = band_hashes(df.filter(has_words)["_folded"], cfg)
+        start += df.height
+    meta = pl.concat(frames) if frames else pl.DataFrame()
+    return meta, bands
+
+
+def _texts_at(
+    sources: list[Source], wanted: pl.DataFrame, cfg: DedupConfig
+) -> dict[int, frozenset[str]]:
+    """Shingle sets of the rows in `wanted` (i, shard, position), read in a second pass."""
+    out: dict[int, frozenset[str]] = {}
+    if wanted.is_empty():
+        return out
+    for shard, offset, batch in iter_batches(sources, ["text"], SIGNATURE_BATCH):
+        hit = wanted.filter(
+            (pl.col("shard") == shard)
+            & (pl.col("position") >= offset)
+            & (pl.col("position") < offset + batch.num_rows)
+        )
+        if hit.is_empty():
+            continue
+        texts = batch.column(0).take(pa.array(hit["position"] - offset)).to_pylist()
+        for i, folded in zip(hit["i"].to_list(), fold_many(texts), strict=True):
+            out[i] = shingles_of(folded, cfg.shingle_size)
+    return out
+
+
+def plan_dedup(sources: list[Source], cfg: DedupConfig) -> DedupPlan:
+    """Exact and near-duplicate clusters of a corpus given as tables or Parquet files, read in
+    batches (see module docstring). Memory: per passage its id, source, exact key and band
+    hashes; texts only one batch at a time, and again for the rows of LSH candidate pairs."""
+    meta, bands = _scan(sources, cfg)
+    n = meta.height
+    if n == 0:
+        keep = pa.table({"shard": pa.array([], pa.int32()), "position": pa.array([], pa.int64())})
+        return DedupPlan(keep, CLUSTERS.empty_table(), 0)
+    # i: the row's place in (source, row) order; the first member of a group is its smallest i.
+    meta = (
+        meta.with_row_index("scan")
+        .sort("source", "row", "scan")
+        .with_row_index("i")
+        .with_columns(
+            pl.col("i").min().over(["k1", "k2"] if cfg.exact else ["passage_id"]).alias("rep")
+        )
+    )
+    exact_edges = meta.filter(pl.col("i") != pl.col("rep")).select("rep", "i").to_numpy()
+    edges = [exact_edges.astype(np.int64)]
+    shingles: dict[int, frozenset[str]] = {}
+    if cfg.near and bands is not None:
+        reps = meta.filter((pl.col("i") == pl.col("rep")) & pl.col("has_words"))
+        candidates = reps["i"].to_numpy()[lsh_candidates(bands[reps["scan"].to_numpy()])]
+        del bands
+        involved = meta[np.unique(candidates)].select("i", "shard", "position")
+        shingles = _texts_at(sources, involved, cfg)
+        near = verified_pairs(candidates, shingles, cfg.near_threshold)
+        edges.append(np.array([(i, j) for i, j, _ in near], dtype=np.int64).reshape(-1, 2))
+    root = components(n, np.concatenate(edges))
+    keep = meta.filter(pl.col("i") == pl.col("rep")).select("shard", "position").to_arrow()
+    return DedupPlan(keep, _cluster_members(meta, root, shingles), n)
+
+
+def _cluster_members(
+    meta: pl.DataFrame, root: np.ndarray, shingles: dict[int, frozenset[str]]
+) -> pa.Table:
+    """The clusters table: every member of a component of size > 1, its kind (exact when it
+    has an exact twin in the cluster) and its Jaccard to the canonical (first) member."""
+    df = meta.with_columns(pl.Series("root", root))
+    df = df.filter(pl.len().over("root") > 1)
+    if df.is_empty():
+        return CLUSTERS.empty_table()
+    roots = meta.select(
+        pl.col("i").alias("root"),
+        pl.col("passage_id").alias("cluster_id"),
+        pl.col("k1").alias("rk1"),
+        pl.col("k2").alias("rk2"),
+    )
+    df = df.join(roots, on="root", how="left").sort("i")
+    same_text = (pl.col("k1") == pl.col("rk1")) & (pl.col("k2") == pl.col("rk2"))
+    # Exact twins have the same folded text, so their representative's shingles stand for them.
+    sims = [
+        1.0 if same else jaccard(shingles[rep], shingles[r])
+        for same, rep, r in df.select(same_text, "rep", "root").iter_rows()
     ]
-    del minhashes, lsh
-    involved = sorted({i for pair in candidates for i in pair})
-    shingles = {i: shingles_of(folded[i], size) for i in involved}
-    pairs = []
-    for i, j in candidates:
-        sim = jaccard(shingles[i], shingles[j])
-        if sim >= cfg.near_threshold:
-            pairs.append((i, j, sim))
-    return pairs
-
-
-def _components(n: int, edges: list[tuple[int, int]]) -> list[int]:
-    """Union-find: the smallest index of each node's connected component."""
-    parent = list(range(n))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return [find(x) for x in range(n)]
+    members = df.with_columns(
+        pl.Series("similarity", sims, dtype=pl.Float32),
+        pl.when(pl.len().over("root", "k1", "k2") > 1)
+        .then(pl.lit("exact"))
+        .otherwise(pl.lit("near"))
+        .alias("kind"),
+        (pl.col("i") == pl.col("root")).alias("is_canonical"),
+    )
+    return members.select(CLUSTERS.names).to_arrow().cast(CLUSTERS)
 
 
 def deduplicate(passages: pa.Table, cfg: DedupConfig) -> DedupResult:
-    """Exact copies removed, exact and near clusters recorded (see module docstring)."""
-    if passages.num_rows == 0:
-        return DedupResult(passages, CLUSTERS.empty_table(), 0)
-    df = (
-        pl.from_arrow(passages)
-        .sort("source", "row")
-        .with_columns(folded_text().alias("_key"))
-        .with_row_index("_i")
-    )
-    n = df.height
-    # Exact edges: every member to the first member of its folded-text group.
-    edges: list[tuple[int, int]] = []
-    if cfg.exact:
-        first = df.group_by("_key", maintain_order=True).agg(pl.col("_i").first().alias("_f"))
-        pairs = df.join(first, on="_key").filter(pl.col("_i") != pl.col("_f"))
-        edges += list(zip(pairs["_f"].to_list(), pairs["_i"].to_list(), strict=True))
-    # Without exact dedup, passages with the same id (same normalized text) still collapse:
-    # the id is the passage's identity.
-    group = "_key" if cfg.exact else "passage_id"
-    exact_first = df.group_by(group, maintain_order=True).agg(pl.col("_i").first())["_i"].to_list()
-    # Near edges among one representative per exact group.
-    keys = df["_key"].to_list()  # folded texts
-    if cfg.near:
-        reps = exact_first
-        pairs = near_duplicate_pairs([keys[i] for i in reps], cfg)
-        edges += [(reps[a], reps[b]) for a, b, _ in pairs]
-    root = _components(n, edges)
-    kept_rows = sorted(set(exact_first))
-    kept = df[kept_rows].select(PASSAGES.names).to_arrow().cast(PASSAGES)
-
-    sizes: dict[int, int] = {}
-    for r in root:
-        sizes[r] = sizes.get(r, 0) + 1
-    ids, sources, rows = df["passage_id"].to_list(), df["source"].to_list(), df["row"].to_list()
-    # A member is "exact" when it has an exact twin (same folded text) in its cluster.
-    twins: dict[tuple[int, str], int] = {}
-    for i, r in enumerate(root):
-        twins[(r, keys[i])] = twins.get((r, keys[i]), 0) + 1
-    shingles: dict[int, frozenset[str]] = {}  # of cluster members only, made when needed
-
-    def shingles_at(i: int) -> frozenset[str]:
-        if i not in shingles:
-            shingles[i] = shingles_of(keys[i], cfg.shingle_size)
-        return shingles[i]
-
-    members = []
-    for i, r in enumerate(root):
-        if sizes[r] < 2:
-            continue
-        exact = twins[(r, keys[i])] > 1
-        sim = 1.0 if keys[i] == keys[r] else jaccard(shingles_at(i), shingles_at(r))
-        members.append(
-            {
-                "passage_id": ids[i],
-                "cluster_id": ids[r],
-                "kind": "exact" if exact else "near",
-                "similarity": sim,
-                "is_canonical": i == r,
-                "source": sources[i],
-                "row": rows[i],
-            }
-        )
-    clusters = pa.Table.from_pylist(members, schema=CLUSTERS)
-    return DedupResult(kept, clusters, n - kept.num_rows)
+    """Exact copies removed, exact and near clusters recorded (see module docstring); the
+    kept passages in (source, row) order."""
+    plan = plan_dedup([passages], cfg)
+    if plan.rows_in == 0:
+        return DedupResult(passages, plan.clusters, 0)
+    kept = passages.take(plan.keep.column("position")).select(PASSAGES.names).cast(PASSAGES)
+    return DedupResult(kept, plan.clusters, plan.deduplicated)
 
 
 def exact_dedup(passages: pa.Table) -> DedupResult:
@@ -257,14 +400,19 @@ def semantic_clusters(
         .sort("source", "row", "passage_id")
         .with_row_index("i")
     )
-    index = dict(zip(nodes["passage_id"].to_list(), nodes["i"].to_list(), strict=True))
-    edges = [(index[a], index[b]) for a, b in sem.select("a", "b").iter_rows()]
-    edges += [(index[p], index[c]) for p, c in old.select("passage_id", "cluster_id").iter_rows()]
-    root = _components(nodes.height, edges)
-    node_ids = nodes["passage_id"].to_list()
+    index = nodes.select("passage_id", "i")
+    edges = pl.concat(
+        [
+            sem.select(pl.col("a").alias("x"), pl.col("b").alias("y")),
+            old.select(pl.col("passage_id").alias("x"), pl.col("cluster_id").alias("y")),
+        ]
+    )
+    for col in ("x", "y"):
+        edges = edges.join(index.rename({"passage_id": col, "i": f"{col}_i"}), on=col)
+    root = components(nodes.height, edges.select("x_i", "y_i").to_numpy().astype(np.int64))
     best = sem.group_by("a").agg(pl.col("cos").max()).rename({"a": "passage_id"})
     out = (
-        nodes.with_columns(pl.Series("cluster_id", [node_ids[r] for r in root], dtype=pl.String))
+        nodes.with_columns(nodes["passage_id"].gather(root).alias("cluster_id"))
         .join(old.select("passage_id", "kind", "similarity"), on="passage_id", how="left")
         .join(best, on="passage_id", how="left")
         .with_columns(

@@ -31,6 +31,7 @@ from schemas.tables import CANDIDATES, REJECTS
 from tasks.dedup import jaccard, shingle_sets
 
 STAGE = "mine"
+RELABELED = "relabeled_positive"  # a mined candidate the judge found to answer its query
 
 
 @dataclass
@@ -412,7 +413,7 @@ def apply_verdicts(df: pl.DataFrame, judged: pl.DataFrame, on_false_negative: st
     df = df.drop("grade", "verdict", "judge_reason", strict=False).join(
         judged, on=["query_id", "passage_id"], how="left"
     )
-    fn_reason = "relabeled_positive" if on_false_negative == "relabel" else "judged_false_negative"
+    fn_reason = RELABELED if on_false_negative == "relabel" else "judged_false_negative"
     return df.with_columns(
         pl.when(pl.col("reason").is_null() & (pl.col("verdict") == "false_negative"))
         .then(pl.lit(fn_reason))

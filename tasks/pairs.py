@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import polars as pl
 import pyarrow as pa
 
 from schemas.tables import QUERIES
 from tasks.dedup import folded_text
+from tasks.io import Source, iter_batches
 
+BATCH = 65_536  # corpus rows read at a time
 GIVEN = "given"  # style / model / backend / prompt_version of a query the user supplied
 
 
@@ -18,32 +21,42 @@ def given_query_id(query: str, passage_id: str) -> str:
 
 
 def queries_from_pairs(
-    pairs: pa.Table, positives: pa.Table, kept: pa.Table
+    pairs: pa.Table, positives: pa.Table, kept: Sequence[Source]
 ) -> tuple[pa.Table, int]:
     """One query row per distinct (query, positive); returns (queries, duplicates collapsed).
 
-    A positive that dedup removed as an exact copy is replaced by the copy that was kept (same
-    folded text), so every query points at a passage of the corpus.
+    `kept`: the deduplicated corpus (tables or Parquet shards), read in batches. A positive that
+    dedup removed as an exact copy is replaced by the copy that was kept (same folded text), so
+    every query points at a passage of the corpus.
     """
-    kept_ids = pl.from_arrow(kept.select(["passage_id", "text"]))
-    canonical = (
+    kept_ids = pl.concat(
+        [pl.from_arrow(b.column(0)) for _, _, b in iter_batches(kept, ["passage_id"], BATCH)]
+        or [pl.Series("passage_id", [], dtype=pl.String)]
+    )
+    removed = (
         pl.from_arrow(positives.select(["passage_id", "text"]))
         .unique("passage_id")
+        .filter(~pl.col("passage_id").is_in(kept_ids.implode()))
         .with_columns(folded_text().alias("key"))
-        .join(
-            kept_ids.select(
+    )
+    canonical = [removed.select("passage_id", pl.lit(None, dtype=pl.String).alias("kept_id"))]
+    if removed.height:  # only then are the corpus's texts read, a batch at a time
+        wanted = removed.select("passage_id", "key")
+        for _, _, batch in iter_batches(kept, ["passage_id", "text"], BATCH):
+            found = pl.from_arrow(batch).select(
                 pl.col("passage_id").alias("kept_id"), folded_text().alias("key")
-            ).unique("key", keep="first"),
-            on="key",
-            how="left",
-        )
-        .select("passage_id", "kept_id")
+            )
+            canonical.append(wanted.join(found, on="key").select("passage_id", "kept_id"))
+    mapping = (
+        pl.concat(canonical)
+        .sort("kept_id", nulls_last=True)
+        .unique("passage_id", keep="first", maintain_order=True)
     )
     df = (
         pl.from_arrow(pairs.select(["query", "passage_id"]))
-        .join(canonical, on="passage_id", how="left")
+        .join(mapping, on="passage_id", how="left")
         .with_columns(
-            pl.when(pl.col("passage_id").is_in(kept_ids["passage_id"].implode()))
+            pl.when(pl.col("passage_id").is_in(kept_ids.implode()))
             .then(pl.col("passage_id"))
             .otherwise(pl.col("kept_id"))
             .alias("passage_id")

@@ -1,3 +1,4 @@
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -160,3 +161,103 @@ def test_semantic_clusters_join_paraphrases_and_merge_existing_clusters():
     # a threshold just above the pair's cosine joins nothing new
     same = semantic_clusters(old, table, ids, vecs, threshold=0.971)
     assert pl.from_arrow(same)["passage_id"].to_list() == [ids[3], ids[4]]
+
+
+def _corpus_with_duplicates(n: int) -> list[str]:
+    """Distinct 40-word texts, with near copies, case/punctuation copies and identical copies
+    of some of them spread through the list, and one text with no words."""
+    import random
+
+    rng = random.Random(5)
+    vocab = [f"w{i}" for i in range(400)]
+    texts = [" ".join(rng.choice(vocab) for _ in range(40)) for _ in range(n)]
+    for i in range(0, n - 3, 10):
+        words = texts[i].split()
+        words[rng.randrange(40)] = "changed"
+        texts[i + 1] = " ".join(words)  # near copy (Jaccard ~0.9)
+        texts[i + 2] = texts[i].upper() + "!"  # exact copy after folding
+    texts[n - 1] = texts[0]  # identical copy, far from its original
+    texts[n // 2 + 5] = "... !!! ..."  # no words at all (not one of the copied texts)
+    return texts
+
+
+def test_streaming_plan_over_shards_equals_the_whole_table(tmp_path):
+    """plan_dedup over Parquet shards read in small batches decides exactly what dedup over
+    the whole table decides: the same kept rows and the same clusters."""
+    import pyarrow.parquet as pq
+
+    from tasks import dedup
+
+    table = passages(_corpus_with_duplicates(120))
+    whole = deduplicate(table, DedupConfig())
+    files = []
+    for k, start in enumerate(range(0, table.num_rows, 50)):
+        files.append(str(tmp_path / f"s{k}.parquet"))
+        pq.write_table(table.slice(start, 50), files[-1])
+    old_batch = dedup.SIGNATURE_BATCH
+    dedup.SIGNATURE_BATCH = 16  # several batches per shard
+    try:
+        plan = dedup.plan_dedup(files, DedupConfig())
+    finally:
+        dedup.SIGNATURE_BATCH = old_batch
+    kept_rows = [r["shard"] * 50 + r["position"] for r in plan.keep.to_pylist()]
+    assert sorted(kept_rows) == whole.passages["row"].to_pylist()
+    assert plan.deduplicated == whole.deduplicated == 12 + 1
+    assert plan.clusters.sort_by("row").equals(whole.clusters.sort_by("row"))
+    rows, kinds = whole.clusters["row"].to_pylist(), whole.clusters["kind"].to_pylist()
+    kinds = dict(zip(rows, kinds, strict=True))
+    assert kinds[0] == "exact" and kinds[1] == "near" and kinds[2] == "exact"
+    assert 65 not in kinds  # the text with no words joins no cluster
+
+
+def test_lsh_candidates_are_exactly_the_pairs_sharing_a_band():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    from tasks.dedup import lsh_candidates
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        arrays(
+            np.uint64, st.tuples(st.integers(0, 30), st.integers(1, 4)), elements=st.integers(0, 5)
+        )
+    )
+    def check(bands):
+        n = bands.shape[0]
+        expected = {
+            (i, j) for i in range(n) for j in range(i + 1, n) if (bands[i] == bands[j]).any()
+        }
+        got = lsh_candidates(bands)
+        assert got.dtype == np.int64
+        assert [tuple(p) for p in got.tolist()] == sorted(expected)
+
+    check()
+
+
+def test_polars_shingles_are_the_python_shingles():
+    """The signatures' shingles (made in Polars) are the verification's (made in Python)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tasks.dedup import fold_many, shingle_hashes, shingles_of
+
+    words = st.sampled_from(["a", "b", "c", "dé", "x-y", "Z", "42"])
+
+    @settings(max_examples=80, deadline=None)
+    @given(
+        st.lists(st.lists(words, min_size=1, max_size=8).map(" ".join), min_size=1, max_size=6),
+        st.integers(1, 4),
+    )
+    def check(texts, size):
+        folded = [f for f in fold_many(texts) if f]
+        if not folded:
+            return
+        hashes, offsets = shingle_hashes(pl.Series(folded), size)
+        assert len(offsets) == len(folded) + 1
+        for k, text in enumerate(folded):
+            mine = set(hashes[offsets[k] : offsets[k + 1]].tolist())
+            python = pl.Series(sorted(shingles_of(text, size))).hash(seed=3).to_list()
+            assert mine == set(python)
+
+    check()

@@ -73,3 +73,48 @@ def test_prune_stale_removes_only_files_the_manifest_does_not_list(tmp_path):
     assert prune_stale(tmp_path, doc) == ["queries/part-00001.parquet"]
     assert (tmp_path / "queries" / "part-00000.parquet").exists()
     assert (tmp_path / "report" / "keep.png").exists()
+
+
+def _files(tmp_path, keys_per_file: list[list[str]]) -> list[str]:
+    paths = []
+    for k, keys in enumerate(keys_per_file):
+        paths.append(str(tmp_path / f"in-{k}.parquet"))
+        table = pa.table({"key": keys, "file": [k] * len(keys), "row": list(range(len(keys)))})
+        pq.write_table(table, paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 30])  # one output shard per pass / all in one pass
+def test_sorted_shards_hold_exactly_the_kept_rows_in_key_order(tmp_path, budget):
+    files = _files(tmp_path, [["e", "c", "a", "c"], ["d", "b", "f", "c"], []])
+    keep = pa.table({"shard": [0, 0, 0, 1, 1, 1, 1], "position": [0, 1, 2, 0, 1, 2, 3]})
+    schema = pa.schema([("key", pa.string()), ("file", pa.int64()), ("row", pa.int64())])
+    shards = io.write_sorted_shards(
+        files, keep, "key", 3, tmp_path / "out", "fp", schema, budget_bytes=budget
+    )
+    assert [s.rows for s in shards] == [3, 3, 1]
+    assert [s.path.rsplit("/", 1)[1] for s in shards] == [f"part-0000{i}.parquet" for i in range(3)]
+    assert all(io.shard_is_current(s.path, "fp") for s in shards)
+    rows = io.read_tables([s.path for s in shards]).to_pylist()
+    # a-f in order; the three "c" rows by (file, row); row 3 of file 0 was not kept
+    assert [(r["key"], r["file"], r["row"]) for r in rows] == [
+        ("a", 0, 2),
+        ("b", 1, 1),
+        ("c", 0, 1),
+        ("c", 1, 3),
+        ("d", 1, 0),
+        ("e", 0, 0),
+        ("f", 1, 2),
+    ]
+    none = io.write_sorted_shards(files, keep.slice(0, 0), "key", 3, tmp_path / "o2", "f", schema)
+    assert [s.rows for s in none] == [0]
+    assert io.write_sorted_shards([], keep, "key", 3, tmp_path / "o3", "f", schema)[0].rows == 0
+
+
+def test_filtered_read_returns_only_matching_rows_and_columns(tmp_path):
+    files = _files(tmp_path, [["a", "b"], ["c", "a"]])
+    schema = pa.schema([("key", pa.string()), ("file", pa.int64()), ("row", pa.int64())])
+    got = io.read_tables(files, schema, columns=["key", "file"], where=io.ids_in("key", ["a", "x"]))
+    assert got.to_pylist() == [{"key": "a", "file": 0}, {"key": "a", "file": 1}]
+    assert io.read_tables([], schema, columns=["row"]).schema.names == ["row"]
+    assert io.row_count(files) == 4 and io.row_count([pa.table({"x": [1]})]) == 1

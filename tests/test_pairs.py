@@ -78,7 +78,7 @@ def test_queries_point_at_kept_passages_and_duplicates_collapse(tmp_path):
     corpus = ingest_file(write(tmp_path, [{"text": P3}]), InputConfig(paths=["x"], min_chars=10))
     union = pa.concat_tables([corpus.passages, result.passages])  # the corpus file comes first
     kept = deduplicate(union, DedupConfig(near=False)).passages
-    queries, duplicates = queries_from_pairs(result.pairs, result.passages, kept)
+    queries, duplicates = queries_from_pairs(result.pairs, result.passages, [kept])
     assert queries.schema.equals(QUERIES) and duplicates == 1
     assert queries.num_rows == 3
     assert set(queries.column("passage_id").to_pylist()) <= set(kept["passage_id"].to_pylist())
