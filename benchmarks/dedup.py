@@ -1,5 +1,6 @@
-"""Near-duplicate detection: this project (rensa MinHash + LSH + exact verification) against
-datasketch's MinHashLSH, on the same shingles, num_perm and threshold, side by side.
+"""Near-duplicate detection: this project (shingles hashed in Polars, rensa MinHash, LSH bands
+in NumPy, exact verification) against datasketch's MinHashLSH (shingles in Python), on the same
+shingle sets, num_perm and threshold, side by side.
 
 Corpus: real prose (docstrings of every importable standard-library module), plus planted
 near-duplicates of a fifth of it, each made by one of: word edits, a sentence swap, a
