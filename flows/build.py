@@ -80,8 +80,11 @@ def _reuse_parts(folder: Path, fp: str, count: int) -> list[ShardInfo] | None:
 
 
 def _llm_identity(cfg: PipelineConfig, llm_path: str) -> list[Any]:
-    """What decides an LLM's outputs (not where it is reached): part of fingerprints."""
+    """What decides an LLM's outputs (not where it is reached): part of fingerprints. The
+    in-process engine's dtype counts as resolved (auto differs by hardware)."""
     llm = cfg.llm.model_dump(mode="json", exclude=LLM_TRANSPORT_FIELDS)
+    if cfg.llm.backend == "vllm":
+        llm["dtype"] = runtime.llm_settings(cfg)[1]
     return [llm_path if cfg.llm.backend == "vllm" else None, llm, prompt_versions()]
 
 
@@ -728,7 +731,8 @@ def _llm_record(
         return None
     record: dict[str, Any] = {"name": cfg.llm.model_name, "backend": cfg.llm.backend}
     if cfg.llm.backend == "vllm":
-        record.update(path=path, device=llm.device if llm is not None else cfg.llm.device)
+        device, dtype = runtime.llm_settings(cfg)
+        record.update(path=path, device=device, dtype=dtype)
     return record
 
 

@@ -21,7 +21,13 @@ import ray
 
 from schemas.config import PipelineConfig
 from tasks.embed import Embedder, resolve_precision
-from tasks.generate import Completion, SamplingSettings, VLLMEngine, engine_env
+from tasks.generate import (
+    Completion,
+    SamplingSettings,
+    VLLMEngine,
+    engine_env,
+    resolve_llm_dtype,
+)
 from tasks.memory import return_free_heap
 from tasks.models import cache_dir, resolve_embedding_path, resolve_llm_path
 
@@ -199,11 +205,18 @@ def _get_or_create(
     return actor, True
 
 
-def llm_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
+def llm_settings(cfg: PipelineConfig) -> tuple[str, str]:
+    """(device, dtype) the in-process LLM runs with, `auto` resolved from this node's hardware
+    (on a cluster whose nodes differ, set llm.dtype explicitly)."""
     device = pick_device(cfg.llm.device)
+    return device, resolve_llm_dtype(cfg.llm.dtype, device)
+
+
+def llm_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
+    device, dtype = llm_settings(cfg)
     path = str(resolve_llm_path(cfg.llm.model_path))
     llm = cfg.llm.model_dump(mode="json")
-    llm["device"] = device
+    llm.update(device=device, dtype=dtype)
     name = _actor_name("llm", {"path": path, "llm": llm, "seed": cfg.generation.seed})
     cpus = cluster_cpus()
     env = engine_env(cfg.llm, str(cache_dir()), cpus if device == "cpu" else 0)
@@ -222,7 +235,7 @@ def llm_worker(cfg: PipelineConfig, start: bool = True) -> WorkerHandle:
         cfg.runtime.task_timeout_s,
         start,
     )
-    return WorkerHandle(name, actor, created, cfg.llm.model_name, path, device)
+    return WorkerHandle(name, actor, created, cfg.llm.model_name, path, device, dtype)
 
 
 def _small_model_options(device: str) -> tuple[dict[str, Any], int]:

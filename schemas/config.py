@@ -120,7 +120,11 @@ class LLMConfig(_Section):
     concurrency: int = Field(default=16, ge=1, description="openai backend: requests in flight.")
     request_timeout_s: float = Field(default=120, gt=0)
     max_retries: int = Field(default=3, ge=0, description="openai backend: on 5xx/timeouts.")
-    dtype: str = "bfloat16"
+    dtype: str = Field(
+        default="auto",
+        description="vLLM weights and compute: auto = bfloat16 on a CPU with native bf16 "
+        "(AVX512-BF16 or AMX), float32 on other CPUs, the checkpoint's own on CUDA.",
+    )
     max_model_len: int = Field(default=2048, ge=128)
     enforce_eager: bool = True
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")

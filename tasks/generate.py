@@ -35,6 +35,7 @@ import pyarrow as pa
 from schemas.config import GenerationConfig, GradingConfig, LLMConfig
 from schemas.llm import passage_json_schema, query_json_schema
 from schemas.tables import GENERATED, QUERIES, REJECTS
+from tasks.embed import BF16_CPU_FLAGS, cpu_flags
 from tasks.prompts import PASSAGE_PROMPT, PROMPTS
 
 log = logging.getLogger(__name__)
@@ -507,6 +508,19 @@ def generate_passages(
     )
 
 
+def resolve_llm_dtype(requested: str, device: str, flags: frozenset[str] | None = None) -> str:
+    """The dtype `auto` stands for on `device`. CPU: bfloat16 where the CPU multiplies bf16
+    natively (AVX512-BF16 or AMX), float32 elsewhere: on a 2-core Xeon without AVX512-BF16,
+    SmolLM2 in emulated bf16 generated 20.9 tokens/s against 49.4 in float32 (same 128
+    few-shot requests, warm engine). CUDA: vLLM's own `auto` (the checkpoint's dtype; float16
+    for a float32 checkpoint), which also suits GPUs without bf16."""
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        return "auto"
+    return "bfloat16" if BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
+
+
 def engine_env(llm: LLMConfig, cache_root: str, cpus: int) -> dict[str, str]:
     """Environment the vLLM CPU engine needs (see the project's vLLM CPU notes)."""
     env = {
@@ -542,14 +556,16 @@ class VLLMEngine:
     def __post_init__(self) -> None:
         from vllm import LLM
 
+        device = "cpu" if self._on_cpu() else "cuda"
+        self.dtype = resolve_llm_dtype(self.llm_cfg.dtype, device)
         kwargs: dict[str, Any] = {
             "model": self.model_path,
-            "dtype": self.llm_cfg.dtype,
+            "dtype": self.dtype,
             "max_model_len": self.llm_cfg.max_model_len,
             "enforce_eager": self.llm_cfg.enforce_eager,
             "seed": self.seed,
         }
-        if self._on_cpu():
+        if device == "cpu":
             # vLLM CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded,
             # sampled request is prefilled in chunks: it rewinds the torch generator, which a
             # CPU generator cannot do. Without chunked prefill no prompt is split.

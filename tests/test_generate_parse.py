@@ -18,6 +18,7 @@ from tasks.generate import (
     generate_queries,
     language_odds,
     repeated_trigram_share,
+    resolve_llm_dtype,
 )
 from tasks.prompts import PROMPTS
 from tests.helpers import passages
@@ -256,3 +257,19 @@ def test_repeated_trigram_share_tells_a_loop_from_prose():
         )[0]
         is None
     )
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "flags", "expected"),
+    [
+        ("auto", "cpu", {"avx512f", "avx512_bf16"}, "bfloat16"),
+        ("auto", "cpu", {"amx_bf16"}, "bfloat16"),
+        ("auto", "cpu", {"avx2", "avx512f"}, "float32"),  # emulated bf16: 2.4x slower
+        ("auto", "cpu", set(), "float32"),
+        ("auto", "cuda", set(), "auto"),  # vLLM's own choice from the checkpoint
+        ("bfloat16", "cpu", set(), "bfloat16"),  # an explicit choice is kept
+        ("float16", "cuda", set(), "float16"),
+    ],
+)
+def test_auto_llm_dtype_follows_the_hardware(requested, device, flags, expected):
+    assert resolve_llm_dtype(requested, device, frozenset(flags)) == expected

@@ -14,6 +14,7 @@ from schemas.config import MiningConfig
 from schemas.tables import CANDIDATES, PASSAGES, QUERIES, REJECTS, TRIPLETS
 from tasks.dedup import folded_text, jaccard, shingle_set
 from tasks.embed import resolve_precision
+from tasks.generate import resolve_llm_dtype
 from tasks.manifest import read_manifest
 from tests.conftest import tiny_config
 from tests.helpers import sample_rows, write_jsonl
@@ -85,6 +86,7 @@ def test_counts_balance_and_are_recorded(first_run):
     assert manifest.models["llm"]["name"] == "SmolLM2-135M-Instruct"
     # `auto` is recorded as what it resolved to on this machine, never as "auto"
     assert manifest.models["embedding"]["precision"] == resolve_precision("auto", "cpu")
+    assert manifest.models["llm"]["dtype"] == resolve_llm_dtype("auto", "cpu")
     # every shard listed exists with its checksum
     for shards in manifest.shards.values():
         for s in shards:
