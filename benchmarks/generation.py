@@ -15,7 +15,10 @@ styles, rendered by the pipeline's own prompt builder) go through
 
 vLLM is warmed up first (its first big batch runs at about half speed), then (a) and (b)
 alternate for --repeats rounds; the best round of each is reported, since on a shared machine
-noise only ever slows a run down.
+noise only ever slows a run down. Every round starts with vLLM's prefix cache empty, as a real
+run's batch does (its prompts are new): the pipeline's engine empties it before each batch
+(that is what makes a batch repeat) and warms the few-shot prefixes; raw vLLM would otherwise
+read the previous round's identical prompts, passages included, from the cache.
 
 Last line: `generation pipeline_vs_raw=R1 vllm_vs_transformers=R2`.
 Usage: .venv/bin/python benchmarks/generation.py [--prompts 256] [--repeats 2]
@@ -162,6 +165,7 @@ def main() -> None:
     ]
 
     def raw() -> tuple[int, float]:
+        llm.reset_prefix_cache()  # as for the pipeline's batch: these prompts are new to it
         start = time.perf_counter()
         outs = llm.generate(rendered, params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - start

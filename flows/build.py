@@ -320,8 +320,8 @@ class _ActorEngine:
     def __init__(self, actor: Any, model_name: str, timeout_s: float):
         self.actor, self.model_name, self.timeout_s = actor, model_name, timeout_s
 
-    def chat_json(self, conversations, schema, sampling, seeds):  # type: ignore[no-untyped-def]
-        ref = self.actor.chat_json.remote(conversations, schema, sampling, seeds)
+    def chat_json(self, conversations, schema, sampling, seeds, retry=False):  # type: ignore[no-untyped-def]
+        ref = self.actor.chat_json.remote(conversations, schema, sampling, seeds, retry)
         return ray.get(ref, timeout=self.timeout_s)
 
 

@@ -113,8 +113,9 @@ class LLMWorker:
         schema: dict[str, Any],
         sampling: SamplingSettings,
         seeds: list[int],
+        retry: bool = False,
     ) -> list[Completion]:
-        return self.engine.chat_json(conversations, schema, sampling, seeds)
+        return self.engine.chat_json(conversations, schema, sampling, seeds, retry)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

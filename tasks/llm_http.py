@@ -137,8 +137,10 @@ class OpenAIEngine:
         schema: dict[str, Any],
         sampling: SamplingSettings,
         seeds: list[int],
+        retry: bool = False,
     ) -> list[Completion]:
-        """One JSON-schema-constrained completion per conversation, in input order.
+        """One JSON-schema-constrained completion per conversation, in input order (`retry`
+        changes nothing here: the server keeps its own cache).
 
         The first request that fails for good raises `LLMServerError`; requests not yet sent
         are cancelled."""

@@ -104,13 +104,14 @@ class ScriptedEngine:
         self.script = list(calls)
         self.calls = []
 
-    def chat_json(self, conversations, schema, sampling, seeds):
+    def chat_json(self, conversations, schema, sampling, seeds, retry=False):
         self.calls.append(
             {
                 "n": len(conversations),
                 "sampling": sampling,
                 "seeds": seeds,
                 "conversations": conversations,
+                "retry": retry,
             }
         )
         outs = self.script.pop(0)
@@ -160,6 +161,7 @@ def test_a_rejected_output_is_retried_once_with_a_new_seed_and_temperature():
     assert engine.calls[1]["n"] == 2  # only the two rejected requests are asked again
     assert engine.calls[1]["sampling"].temperature == 0.9
     assert set(engine.calls[1]["seeds"]).isdisjoint(engine.calls[0]["seeds"])
+    assert [c["retry"] for c in engine.calls] == [False, True]  # the engine may keep its cache
     retried = queries.filter(pc.equal(queries["attempt"], 2))
     assert sorted(retried["query"].to_pylist()) == [
         "heapq module python",
