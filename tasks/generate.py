@@ -584,9 +584,10 @@ class VLLMEngine:
         self._llm = LLM(**kwargs)
         self.load_seconds = time.perf_counter() - start
         log.info("vLLM engine for %s loaded in %.1f s", self.model_name, self.load_seconds)
-        self.repeatable = self._make_batches_repeatable()
+        if device == "cpu":  # on CUDA, kernels depend on the batch shape anyway
+            self._make_batches_repeatable()
 
-    def _make_batches_repeatable(self) -> bool:
+    def _make_batches_repeatable(self) -> None:
         """Let a batch's outputs depend only on the batch, not on what ran before or on timing.
 
         The first request with a prompt prefix computes its KV; later ones read it from the
@@ -607,9 +608,8 @@ class VLLMEngine:
         manager = getattr(core, "structured_output_manager", None)
         if manager is None or not hasattr(manager, "_use_async_grammar_compilation"):
             log.warning("vLLM engine core runs in another process: batches may not repeat")
-            return False
+            return
         manager._use_async_grammar_compilation = False
-        return True
 
     def _on_cpu(self) -> bool:
         if self.llm_cfg.device != "auto":
