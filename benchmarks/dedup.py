@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schemas.config import DedupConfig  # noqa: E402
-from tasks.dedup import fold_many, jaccard, near_duplicate_pairs, shingle_sets  # noqa: E402
+from tasks.minhash import near_duplicate_pairs  # noqa: E402
+from tasks.text import fold_many, jaccard, shingle_sets  # noqa: E402
 
 # Modules with side effects on import (printing, a browser, a GUI) stay out.
 UNSAFE = {"this", "antigravity", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data"}

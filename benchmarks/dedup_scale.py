@@ -85,7 +85,13 @@ def child(mode: str, paths: list[str], out: str) -> None:
     start = time.perf_counter()
     if mode == "streaming":
         plan = dedup.plan_dedup(paths, cfg)
-        shards = write_sorted_shards(paths, plan.keep, "passage_id", SHARD, out, "fp", PASSAGES)
+        shards = []
+
+        def write(table):
+            path = Path(out) / f"part-{len(shards):05d}.parquet"
+            shards.append(write_parquet_atomic(table, path, "fp", PASSAGES))
+
+        write_sorted_shards(paths, plan.keep, "passage_id", SHARD, PASSAGES, write)
         clusters = plan.clusters
     else:
         result = dedup.deduplicate(read_tables(paths, PASSAGES), cfg)

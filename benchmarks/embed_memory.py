@@ -35,7 +35,7 @@ def child(n: int, pad: int | None) -> None:
     import psutil
     from dedup import base_corpus, expand
 
-    from tasks.embed import Embedder, resolve_precision
+    from tasks.embedder import Embedder, resolve_precision
     from tasks.models import minilm_path
 
     texts = expand(base_corpus(n), n, random.Random(0))

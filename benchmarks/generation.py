@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schemas.config import GenerationConfig, LLMConfig  # noqa: E402
-from tasks.generate import engine_env  # noqa: E402
+from tasks.llm.engine import engine_env  # noqa: E402
 from tasks.models import cache_dir, resolve_llm_path  # noqa: E402
 
 STYLES = {"question": 1, "keywords": 1, "claim": 1, "paraphrase": 1, "hard": 1}
@@ -140,7 +140,8 @@ def main() -> None:
     from vllm.sampling_params import StructuredOutputsParams
 
     from schemas.llm import query_json_schema
-    from tasks.generate import VLLMEngine, build_query_requests, generate_queries
+    from tasks.generate import build_query_requests, generate_queries
+    from tasks.llm.engine import VLLMEngine
 
     gen_cfg = GenerationConfig(styles=STYLES)
     passages = passages_for(args.prompts)

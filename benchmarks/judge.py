@@ -4,7 +4,7 @@ From a finished run folder (the demo's, say) it takes each kept query with
 (a) its own positive passage — the judge should say `false_negative` (top grade), and
 (b) a random passage of the corpus from another duplicate cluster — it should say
     `true_negative`,
-runs the pipeline's judge (`tasks.judge.judge_pairs`, same prompt, schema and config) on both,
+runs the pipeline's judge (`tasks.llm.judge.judge_pairs`, same prompt, schema and config) on both,
 and prints the verdict shares. With a small model the point is to know the judge's error rates
 before letting it relabel or drop negatives: a judge that calls random passages answers is a
 reason to use `on_false_negative: drop` or a bigger model.
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schemas.config import PipelineConfig, apply_override  # noqa: E402
-from tasks.generate import engine_env  # noqa: E402
+from tasks.llm.engine import engine_env  # noqa: E402
 from tasks.models import cache_dir, resolve_llm_path  # noqa: E402
 
 
@@ -50,8 +50,8 @@ def main() -> None:
         apply_override(raw, item)
     cfg = PipelineConfig.model_validate(raw)
     os.environ.update(engine_env(cfg.llm, str(cache_dir()), os.cpu_count() or 1))
-    from tasks.generate import VLLMEngine
-    from tasks.judge import judge_pairs
+    from tasks.llm.engine import VLLMEngine
+    from tasks.llm.judge import judge_pairs
 
     triplets = pl.read_parquet(args.run_dir / "triplets" / "*.parquet")
     passages = pl.read_parquet(args.run_dir / "passages" / "*.parquet")

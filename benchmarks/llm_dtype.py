@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schemas.config import GenerationConfig, InputConfig, LLMConfig  # noqa: E402
-from tasks.generate import BF16_CPU_FLAGS, cpu_flags, resolve_llm_dtype  # noqa: E402
+from tasks.hardware import BF16_CPU_FLAGS, cpu_flags  # noqa: E402
+from tasks.llm.engine import resolve_llm_dtype  # noqa: E402
 
 STYLES = {"question": 1, "keywords": 1}
 
@@ -36,7 +37,8 @@ STYLES = {"question": 1, "keywords": 1}
 def child(dtype: str, n_passages: int, repeats: int) -> None:
     """Runs in its own process: one engine in `dtype`, warm-up, then the timed rounds."""
     from tasks import ingest
-    from tasks.generate import VLLMEngine, engine_env, generate_queries
+    from tasks.generate import generate_queries
+    from tasks.llm.engine import VLLMEngine, engine_env
     from tasks.models import cache_dir, resolve_llm_path
 
     llm_cfg = LLMConfig(dtype=dtype)

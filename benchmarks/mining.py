@@ -41,7 +41,7 @@ from dedup import base_corpus  # noqa: E402
 
 from schemas.config import EmbeddingConfig, MiningConfig  # noqa: E402
 from schemas.tables import CLUSTERS  # noqa: E402
-from tasks.embed import Embedder, resolve_precision  # noqa: E402
+from tasks.embedder import Embedder, resolve_precision  # noqa: E402
 from tasks.mine import mine_negatives  # noqa: E402
 from tasks.models import minilm_path  # noqa: E402
 

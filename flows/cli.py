@@ -74,41 +74,46 @@ def _stage_table(doc: dict) -> Table:
 
 def print_summary(run_dir: Path, doc: dict) -> None:
     run_dir = run_dir.resolve()
+    stages = doc["stages"]
     console.print(_stage_table(doc))
-    gen = doc["stages"]["generate"]["extra"]
-    mine = doc["stages"]["mine"]["extra"]
-    asm = doc["stages"]["assemble"]["extra"]
-    if gen.get("source") == "pairs":
-        console.print(f"queries: from the given pairs ({doc['stages']['generate']['rows_out']})")
-    else:
+    if "pairs" in stages:
+        console.print(f"queries: from the given pairs ({stages['pairs']['rows_out']})")
+    if "generate" in stages:
+        gen = stages["generate"]["extra"]
         console.print(
-            f"generation: {gen['output_tokens']} output tokens, "
-            f"{gen['tokens_per_second']} tokens/s; queries by style {gen.get('styles', {})}; "
+            f"generation: {gen.get('output_tokens', 0)} output tokens, "
+            f"{gen.get('tokens_per_second')} tokens/s; queries by style {gen.get('styles', {})}; "
             f"retried {gen.get('retried', 0)}, recovered {gen.get('recovered', 0)}"
         )
-    written = doc["stages"].get("generate_passages")
+    written = stages.get("generate_passages")
     if written:
         console.print(
             f"graded passages written: {written['rows_out']} of {written['rows_in']} "
-            f"(by grade {written['extra']['grades']})"
+            f"(by grade {written['extra'].get('grades', {})})"
         )
-    emb = doc.get("models", {}).get("embedding") or {}
+    emb = doc.get("models", {}).get("embedder") or {}
+    embedded = [s for name, s in stages.items() if name.startswith("embed_")]
     if emb:
         console.print(
             f"embedding: {emb['name']} ({emb['device']}, {emb.get('precision') or 'float32'}), "
-            f"{doc['stages']['embed']['rows_in']} texts in {doc['timings'].get('embed', 0):.1f} s"
+            f"{sum(s['rows_in'] for s in embedded)} texts in "
+            f"{sum(s['seconds'] for s in embedded):.1f} s"
         )
-    dedup = doc["stages"]["dedup"]["extra"]
+    dedup = stages["dedup"]["extra"]
     console.print(
-        f"dedup clusters: {dedup['clusters']} (members by kind: {dedup['cluster_kinds']})"
+        f"dedup clusters: {dedup.get('clusters', 0)} "
+        f"(members by kind: {dedup.get('cluster_kinds', {})})"
     )
+    if "query_dedup" in stages:
+        console.print(f"near-duplicate queries removed: {stages['query_dedup']['deduplicated']}")
+    mine = stages["mine"]["extra"]
     console.print(
-        f"mining: {mine['candidates']} candidates, {mine['negatives_kept']} kept as negatives; "
-        f"filtered: {mine['filtered']}"
+        f"mining: {mine.get('candidates', 0)} candidates, {mine.get('negatives_kept', 0)} kept "
+        f"as negatives; filtered: {mine.get('filtered', {})}"
     )
     failed = doc["reject_reasons"].get("mine", {}).get("failed_consistency", 0)
-    mined_in = doc["stages"]["mine"]["rows_in"]
-    if gen.get("source") != "pairs" and mined_in:
+    mined_in = stages["mine"]["rows_in"]
+    if "generate" in stages and mined_in:
         console.print(
             f"round-trip filter: {mined_in - failed} of {mined_in} queries kept "
             f"({(mined_in - failed) / mined_in:.0%})"
@@ -119,9 +124,10 @@ def print_summary(run_dir: Path, doc: dict) -> None:
             f"LLM judge: {judge['judged']} negatives judged, verdicts {judge['verdicts']}, "
             f"{judge['engine_seconds']:.1f} s of LLM time"
         )
+    asm = stages["assemble"]["extra"]
     if asm.get("grades"):
         console.print(f"negatives in triplets by origin and grade: {asm['grades']}")
-    console.print(f"splits: {asm['splits']}   cross-split leakage: {asm['leakage']}")
+    console.print(f"splits: {asm.get('splits')}   cross-split leakage: {asm.get('leakage')}")
     console.print(f"rejects by reason: {doc['reject_reasons']}")
     console.print(f"total {doc['timings']['total']:.1f} s")
     console.print(f"\n[bold]output:[/bold] {run_dir}")
@@ -215,6 +221,32 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> No
 
     path = build_report(run_dir)
     console.print(f"report: {path.resolve()}")
+
+
+@app.command()
+def gc(
+    output: Annotated[Path, typer.Argument(help="An output root (output.dir), e.g. runs.")] = Path(
+        "runs"
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would go."),
+) -> None:
+    """Drop cached stage outputs that no run folder under OUTPUT references (runs keep their own
+    links, so every run stays readable) and temporary folders of interrupted runs."""
+    from flows.cache import StageCache
+    from flows.manifest import read_manifest
+
+    referenced = set()
+    manifests = sorted(output.glob("*/manifest.json"))
+    for path in manifests:
+        doc = read_manifest(path)
+        for stage, jobs in doc.jobs.items():
+            referenced.update((stage, j["fingerprint"]) for j in jobs)
+    count, size = StageCache(output / ".stages").gc(referenced, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    console.print(
+        f"{len(manifests)} run(s) reference {len(referenced)} cache entries; "
+        f"{verb} {count} unreferenced entries ({size / 1e6:.1f} MB)"
+    )
 
 
 @app.command()

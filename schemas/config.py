@@ -202,6 +202,11 @@ class GenerationConfig(_Section):
         "passage per query; written passages become graded negatives. Empty: off.",
     )
     max_passage_tokens: int = Field(default=256, ge=16, description="For a written passage.")
+    max_written_queries: int | None = Field(
+        default=None,
+        ge=1,
+        description="Write passages for the first N queries only (by query_id); null: all.",
+    )
 
     @field_validator("styles")
     @classmethod
@@ -316,9 +321,21 @@ class MiningConfig(_Section):
     max_positive_ratio: float | None = Field(default=0.95, gt=0)
     margin: float | None = None
     max_score: float | None = None
-    sampling_strategy: Literal["top", "random"] = Field(
+    sampling_strategy: Literal["top", "random", "simans"] = Field(
         default="top",
-        description="top: the hardest survivors; random: a seeded random draw among survivors.",
+        description="top: the hardest survivors; random: a seeded random draw among survivors; "
+        "simans: SimANS (Zhou et al. 2022), a seeded draw with probability "
+        "exp(-simans_a * (score - positive_score - simans_b)^2): highest about the positive's "
+        "score, lower for the far easier and for the suspiciously higher.",
+    )
+    simans_a: float = Field(default=30.0, gt=0, description="SimANS sharpness (cosine scores).")
+    simans_b: float = Field(default=0.0, description="SimANS centre, relative to the positive.")
+    copies_query_share: float | None = Field(
+        default=0.6,
+        gt=0,
+        le=1,
+        description="copies_query: a candidate (mined or written) of which at least this share "
+        "of words are the query's words restates the query instead of answering or missing it.",
     )
     seed: int = 0
     search: Literal["auto", "exact", "ann"] = Field(
@@ -353,6 +370,23 @@ class MiningConfig(_Section):
         return self
 
 
+class QueryFilterConfig(_Section):
+    """Which queries make good training data (each removal has a reason and a count).
+
+    - near-duplicate queries (embedding cosine >= dedup_threshold, after embedding): one is kept,
+      the others removed as `duplicate_query`; their positives become known positives of the
+      kept one, so they are never its negatives;
+    - `too_easy`: the positive scores more than `too_easy_margin` above every mined candidate;
+    - `too_generic`: at least `too_generic_count` mined candidates score >= `too_generic_ratio`
+      x the positive (the query does not single its positive out).
+    """
+
+    dedup_threshold: float | None = Field(default=0.9, gt=0, le=1)
+    too_easy_margin: float | None = Field(default=None, gt=0)
+    too_generic_count: int | None = Field(default=None, ge=1)
+    too_generic_ratio: float = Field(default=0.95, gt=0)
+
+
 class SplitConfig(_Section):
     eval_fraction: float = Field(default=0.1, ge=0, lt=1)
     seed: int = 0
@@ -360,7 +394,19 @@ class SplitConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = "runs"
+    cache_dir: str | None = Field(
+        default=None,
+        description="The stage cache shared by runs (default: <dir>/.stages). Keep it on the "
+        "same file system as `dir`: run folders hard-link its files.",
+    )
     shard_size: int = Field(default=256, ge=1, description="Rows per Parquet shard.")
+    max_negative_grade: int | None = Field(
+        default=None,
+        description="A negative graded above this is never a plain negative in the "
+        "sentence_transformers and flagembedding exports (the listwise export keeps every "
+        "passage with its grade). Default: the level below 'partially answers' (the third "
+        "level from the top of grading.levels).",
+    )
     exports: list[Literal["sentence_transformers", "flagembedding", "listwise"]] = Field(
         default_factory=lambda: ["sentence_transformers", "flagembedding", "listwise"]
     )
@@ -390,6 +436,7 @@ class PipelineConfig(_Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     mining: MiningConfig = Field(default_factory=MiningConfig)
+    queries: QueryFilterConfig = Field(default_factory=QueryFilterConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -416,6 +463,13 @@ class PipelineConfig(_Section):
             raise ValueError(f"judge.unsure_grade ({unsure}) must be <= false_negative_grade {fn}")
         return self
 
+    def max_negative_grade(self) -> int:
+        """`output.max_negative_grade` with its default resolved."""
+        if self.output.max_negative_grade is not None:
+            return self.output.max_negative_grade
+        ordered = sorted(self.grading.levels, reverse=True)
+        return ordered[min(2, len(ordered) - 1)]
+
     def judge_grades(self) -> tuple[int, int]:
         """(false_negative_grade, unsure_grade) with the defaults resolved."""
         ordered = sorted(self.grading.levels, reverse=True)
@@ -427,7 +481,7 @@ class PipelineConfig(_Section):
         """The part of the config that determines the data (hashed into the run id)."""
         return self.model_dump(
             mode="json",
-            exclude={"runtime": True, "output": {"dir"}, "llm": LLM_TRANSPORT_FIELDS},
+            exclude={"runtime": True, "output": {"dir", "cache_dir"}, "llm": LLM_TRANSPORT_FIELDS},
         )
 
     def config_hash(self) -> str:
@@ -455,9 +509,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     for item in overrides or []:
         apply_override(raw, item)
     base = path.resolve().parent
-    out_dir = raw.get("output", {}).get("dir") if isinstance(raw.get("output"), dict) else None
-    if isinstance(out_dir, str) and not Path(out_dir).is_absolute():
-        raw["output"]["dir"] = str(base / out_dir)
+    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+    for key in ("dir", "cache_dir"):
+        value = output.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            output[key] = str(base / value)
     for key in ("paths", "corpus_paths"):
         paths = raw.get("input", {}).get(key)
         if isinstance(paths, list):

@@ -8,11 +8,13 @@ from pydantic import BaseModel, Field
 
 
 class ShardInfo(BaseModel):
-    path: str  # relative to the run folder
+    path: str  # relative to the run folder (in the manifest)
     rows: int
     sha256: str
-    fingerprint: str  # hash of the inputs and settings that produced it
-    stats: dict[str, Any] = Field(default_factory=dict)  # what the producing task counted
+    fingerprint: str  # of the job that produced it (its cache entry)
+    stats: dict[str, Any] = Field(default_factory=dict)
+    stage: str | None = None  # the stage that produced it
+    index: int | None = None  # that stage's job
 
 
 class StageCounts(BaseModel):
@@ -46,6 +48,12 @@ class Manifest(BaseModel):
     shards: dict[str, list[ShardInfo]]
     reject_reasons: dict[str, dict[str, int]]
     timings: dict[str, float]
+    # per stage, its jobs: fingerprint (the cache entry), reused or computed, node, seconds
+    jobs: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    # per input file: its record count (counted apart from the parser), kept and rejected rows
+    sources: list[dict[str, Any]] = Field(default_factory=list)
+    # model calls this run made, per stage and model: {"calls": batches, "items": requests/texts}
+    model_calls: dict[str, dict[str, dict[str, int]]] = Field(default_factory=dict)
 
     def unbalanced_stages(self) -> list[str]:
         return [name for name, c in self.stages.items() if not c.balanced]

@@ -83,6 +83,17 @@ GENERATED = pa.schema(
 )
 
 
+# Queries removed as near-duplicates of another (tasks.query_dedup).
+QUERY_DUPLICATES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("duplicate_of", pa.string(), nullable=False),  # the query kept in its place
+        pa.field("positive_id", pa.string(), nullable=False),  # the removed query's positive
+        pa.field("similarity", pa.float32(), nullable=False),
+    ]
+)
+
+
 def embeddings_schema(dim: int) -> pa.Schema:
     return pa.schema(
         [

@@ -1,18 +1,24 @@
-"""Assemble triplets from queries, passages and kept negatives; split; export for trainers."""
+"""Assemble: triplets from queries, passages and kept negatives; the train/eval split; the
+cross-split leakage report; the exports (`tasks.exports`)."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
-import json
-from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from schemas.config import SplitConfig
-from schemas.tables import TRIPLETS
-from tasks.io import write_bytes_atomic
-from tasks.mine import RELABELED
+from schemas.config import DedupConfig, PipelineConfig, SplitConfig
+from schemas.reasons import RELABELED
+from schemas.tables import CANDIDATES, GENERATED, TRIPLETS
+from tasks import exports
+from tasks.io import ids_in, parquet_bytes, slice_table
+from tasks.minhash import near_duplicate_pairs
+from tasks.stage import Job, Outcome, Stage
+from tasks.text import fold_many
 
 
 def split_of(group: str, cfg: SplitConfig) -> str:
@@ -96,91 +102,6 @@ def assemble_triplets(
     return df.select(TRIPLETS.names).to_arrow().cast(TRIPLETS)
 
 
-def to_sentence_transformers(triplets: pa.Table, num_negatives: int) -> tuple[pa.Table, int]:
-    """(anchor, positive, negative_1..n) rows for sentence-transformers; rows with fewer than
-    `num_negatives` negatives cannot fill the columns and are counted, not silently dropped."""
-    df = pl.from_arrow(triplets)
-    full = df.filter(pl.col("negatives").list.len() >= num_negatives)
-    out = full.select(
-        "split",
-        pl.col("query").alias("anchor"),
-        "positive",
-        *[
-            pl.col("negatives").list.get(i).struct.field("text").alias(f"negative_{i + 1}")
-            for i in range(num_negatives)
-        ],
-    )
-    return out.to_arrow(), df.height - full.height
-
-
-def to_flagembedding_lines(triplets: pa.Table) -> dict[str, list[str]]:
-    """FlagEmbedding fine-tuning JSONL lines per split: query, pos, neg, pos_scores, neg_scores."""
-    lines: dict[str, list[str]] = {}
-    for row in triplets.to_pylist():
-        extra = row["extra_positives"]
-        record = {
-            "query": row["query"],
-            "pos": [row["positive"]] + [p["text"] for p in extra],
-            "neg": [n["text"] for n in row["negatives"]],
-            "pos_scores": [row["positive_score"]] + [p["score"] for p in extra],
-            "neg_scores": [n["score"] for n in row["negatives"]],
-            # not read by FlagEmbedding; kept for graded (list-wise) losses
-            "neg_grades": [n["grade"] for n in row["negatives"]],
-            "prompt": "",
-            "type": "normal",
-        }
-        lines.setdefault(row["split"], []).append(json.dumps(record, ensure_ascii=False))
-    return lines
-
-
-def to_listwise(triplets: pa.Table, top_grade: int) -> pa.Table:
-    """One row per query for graded / list-wise losses: the passages (positive first, then
-    extra positives, then negatives), their grades and embedder scores. The positive and the
-    relabelled positives get `top_grade`; an ungraded mined negative gets null."""
-    df = pl.from_arrow(triplets)
-    if df.is_empty():
-        return pa.table(
-            {
-                "split": pa.array([], pa.string()),
-                "query": pa.array([], pa.string()),
-                "passages": pa.array([], pa.list_(pa.string())),
-                "grades": pa.array([], pa.list_(pa.int8())),
-                "scores": pa.array([], pa.list_(pa.float32())),
-            }
-        )
-    top = pl.lit(top_grade, dtype=pl.Int8)
-    out = df.select(
-        "split",
-        "query",
-        pl.concat_list(
-            pl.concat_list("positive"),
-            pl.col("extra_positives").list.eval(pl.element().struct.field("text")),
-            pl.col("negatives").list.eval(pl.element().struct.field("text")),
-        ).alias("passages"),
-        pl.concat_list(
-            pl.concat_list(top),
-            pl.col("extra_positives").list.eval(
-                pl.element().struct.field("grade").fill_null(top_grade)
-            ),
-            pl.col("negatives").list.eval(pl.element().struct.field("grade")),
-        ).alias("grades"),
-        pl.concat_list(
-            pl.concat_list("positive_score"),
-            pl.col("extra_positives").list.eval(pl.element().struct.field("score")),
-            pl.col("negatives").list.eval(pl.element().struct.field("score")),
-        ).alias("scores"),
-    )
-    return out.to_arrow()
-
-
-def write_flagembedding(triplets: pa.Table, folder: Path) -> dict[str, int]:
-    counts = {}
-    for split, lines in to_flagembedding_lines(triplets).items():
-        write_bytes_atomic(folder / f"{split}.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
-        counts[split] = len(lines)
-    return counts
-
-
 def leakage_report(
     triplets: pa.Table, clusters: pa.Table, query_similarity: float = 0.9, shingle_size: int = 3
 ) -> dict[str, int]:
@@ -193,9 +114,6 @@ def leakage_report(
     - near_identical_queries_across_splits: eval queries whose word-shingle Jaccard with some
       train query is >= query_similarity (MinHash + LSH, verified).
     """
-    from schemas.config import DedupConfig
-    from tasks.dedup import fold_many, near_duplicate_pairs
-
     cluster_of = pl.from_arrow(clusters.select(["passage_id", "cluster_id"])).unique("passage_id")
     df = (
         pl.from_arrow(triplets.select(["query", "positive_id", "negatives", "split"]))
@@ -223,3 +141,103 @@ def leakage_report(
         ),
         "near_identical_queries_across_splits": len(crossing),
     }
+
+
+class AssembleStage(Stage):
+    """The triplets of every query mining kept, split, with the leakage report and exports."""
+
+    name = "assemble"
+    version = "2"
+    whole = ("queries", "candidates", "passages", "clusters", "generated")
+    optional = frozenset({"generated"})
+    outputs = ("triplets",)
+    libraries = ("polars", "pyarrow")
+
+    def settings(self, cfg: PipelineConfig) -> Any:
+        return [
+            cfg.grading.top,
+            cfg.max_negative_grade(),
+            cfg.split.model_dump(mode="json"),
+            cfg.output.model_dump(mode="json", exclude={"dir"}),
+            cfg.mining.num_negatives,
+        ]
+
+    def _used(self, job: Job) -> pa.Table:
+        """The candidates that reach a triplet: kept negatives and relabelled positives."""
+        return job.read("candidates", where=pc.field("kept") | (pc.field("reason") == RELABELED))
+
+    def rows_in(self, job: Job) -> int:
+        """Queries mining kept: those with at least one kept negative."""
+        kept = job.read("candidates", columns=["query_id"], where=pc.field("kept"))
+        return len(set(kept.column("query_id").to_pylist()))
+
+    def run(self, job: Job) -> Outcome:
+        cfg = job.cfg
+        queries = job.read("queries")
+        used = self._used(job).cast(CANDIDATES)
+        ids = queries["passage_id"].to_pylist() + used["passage_id"].to_pylist()
+        triplets = assemble_triplets(
+            queries,
+            job.read("passages", columns=["passage_id", "text"], where=ids_in("passage_id", ids)),
+            used,
+            job.read("clusters"),
+            cfg.split,
+            job.read("generated").cast(GENERATED) if job.has("generated") else None,
+        )
+        for part in slice_table(triplets, cfg.output.shard_size):
+            job.write("triplets", part)
+        written = write_exports(job, triplets)
+        splits = dict(collections.Counter(triplets.column("split").to_pylist()))
+        grades = collections.Counter(
+            f"{n['origin']}:{'ungraded' if n['grade'] is None else n['grade']}"
+            for negs in triplets.column("negatives").to_pylist()
+            for n in negs
+        )
+        extra = sum(len(x) for x in triplets.column("extra_positives").to_pylist())
+        return Outcome(
+            rows_out=triplets.num_rows,
+            rejected=self.rows_in(job) - triplets.num_rows,
+            stats={
+                "splits": splits,
+                "grades": dict(sorted(grades.items())),
+                "extra_positives": extra,
+                "leakage": leakage_report(triplets, job.read("clusters")),
+                "exports": written,
+            },
+        )
+
+
+def write_exports(job: Job, triplets: pa.Table) -> dict[str, Any]:
+    """The configured exports under exports/, per split; returns their row counts."""
+    cfg = job.cfg
+    max_grade = cfg.max_negative_grade()
+    out: dict[str, Any] = {}
+
+    def by_split(table: pa.Table, name: str) -> dict[str, int]:
+        rows = {}
+        for split in ("train", "eval"):
+            part = table.filter(pc.equal(table["split"], split)).drop(["split"])
+            if part.num_rows:
+                job.write_file(f"exports/{name}/{split}.parquet", parquet_bytes(part))
+                rows[split] = part.num_rows
+        return rows
+
+    if "sentence_transformers" in cfg.output.exports:
+        table, skipped = exports.to_sentence_transformers(
+            triplets, cfg.mining.num_negatives, max_grade
+        )
+        out["sentence_transformers"] = {
+            "rows": by_split(table, "sentence_transformers"),
+            "skipped_too_few_negatives": skipped,
+        }
+    if "flagembedding" in cfg.output.exports:
+        counts = {}
+        for split, lines in exports.to_flagembedding_lines(triplets, max_grade).items():
+            data = ("\n".join(lines) + "\n").encode("utf-8")
+            job.write_file(f"exports/flagembedding/{split}.jsonl", data)
+            counts[split] = len(lines)
+        out["flagembedding"] = {"rows": counts}
+    if "listwise" in cfg.output.exports:
+        listwise = exports.to_listwise(triplets, cfg.grading.top)
+        out["listwise"] = {"rows": by_split(listwise, "listwise")}
+    return out

@@ -1,8 +1,9 @@
-"""Shard I/O: atomic Parquet writes that carry the fingerprint of what produced them.
+"""Parquet I/O: atomic writes, deterministic bytes, filtered and batched reads, an external sort.
 
-A shard is complete exactly when its file exists (writes go to a temporary name, are fsynced and
-renamed). A shard is *current* when the fingerprint stored in its Parquet metadata equals the one
-the run expects now: then it is reused instead of recomputed (resume).
+A file is complete exactly when it exists (writes go to a temporary name, are fsynced and
+renamed). A shard file holds rows and deterministic metadata only (the fingerprint of the job
+that made it): the same rows written by the same library versions are the same bytes, so a
+checksum of a shard is a checksum of its content.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -83,15 +84,15 @@ def write_parquet_atomic(
 ) -> ShardInfo:
     """Write `table` (cast to `schema` if given) to `path` atomically; return its ShardInfo.
 
-    `stats` (JSON-able) travel in the file's metadata, so a resumed run can account for a shard
-    it did not recompute.
+    `stats` (JSON-able, deterministic: never timings) travel in the file's metadata.
     """
     path = Path(path)
     if schema is not None:
         table = table.select(schema.names).cast(schema)
     meta = dict(table.schema.metadata or {})
     meta[FINGERPRINT_KEY] = fp.encode()
-    meta[STATS_KEY] = json.dumps(stats or {}, sort_keys=True, default=str).encode()
+    if stats:
+        meta[STATS_KEY] = json.dumps(stats, sort_keys=True, default=str).encode()
     table = table.replace_schema_metadata(meta)
     with atomic_target(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -203,20 +204,18 @@ def write_sorted_shards(
     keep: pa.Table,
     order_by: str,
     shard_size: int,
-    folder: str | Path,
-    fp: str,
     schema: pa.Schema,
+    write: Callable[[pa.Table], Any],
     budget_bytes: int = 128 << 20,
-) -> list[ShardInfo]:
+) -> int:
     """The rows of Parquet `files` named by `keep` (shard = index into `files`, position = row
-    in that file), sorted by `order_by` (ties: file, row), written as part-NNNNN.parquet shards of
-    `shard_size` rows (at least one, maybe empty).
+    in that file), sorted by `order_by` (ties: file, row), handed to `write` as consecutive
+    shards of `shard_size` rows (at least one, maybe empty); returns how many.
 
     An external sort that never holds more than about `budget_bytes` of rows: the sort keys are
     read and sorted first (one column), which fixes each row's output shard; then as many
     output shards as fit in the budget are filled per pass over the files. A corpus of B bytes
     takes about B / budget passes of sequential reading."""
-    folder = Path(folder)
     keys = pl.concat(
         [
             pl.DataFrame(
@@ -244,7 +243,6 @@ def write_sorted_shards(
         dest[index][rows["position"].to_numpy()] = rows["out"].to_numpy()
     # Rows are held twice at the peak of a pass (taken from the batches, then sorted).
     per_pass = max(1, budget_bytes // max(1, 2 * _row_bytes(files) * shard_size))
-    shards: list[ShardInfo] = []
     for first in range(0, n_out, per_pass):
         last = min(first + per_pass, n_out)
         parts = []
@@ -264,10 +262,15 @@ def write_sorted_shards(
         order = [(order_by, "ascending"), ("_shard", "ascending"), ("_position", "ascending")]
         span = span.sort_by(order).select(schema.names) if span.num_rows else span
         for out_index in range(first, last):
-            part = span.slice((out_index - first) * shard_size, shard_size)
-            path = folder / f"part-{out_index:05d}.parquet"
-            shards.append(write_parquet_atomic(part, path, fp, schema))
-    return shards
+            write(span.slice((out_index - first) * shard_size, shard_size).cast(schema))
+    return n_out
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as Parquet file bytes (for files written beside the shards, such as exports)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 def _row_bytes(files: Sequence[str | Path]) -> int:

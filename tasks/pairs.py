@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
+from schemas.config import PipelineConfig
 from schemas.tables import QUERIES
-from tasks.dedup import folded_text
-from tasks.io import Source, iter_batches
+from tasks.io import Source, ids_in, iter_batches, slice_table
+from tasks.stage import Job, Outcome, Stage
+from tasks.text import folded_text
 
 BATCH = 65_536  # corpus rows read at a time
 GIVEN = "given"  # style / model / backend / prompt_version of a query the user supplied
@@ -91,3 +94,31 @@ def positives_by_query(queries: pa.Table) -> pl.DataFrame:
     its negative. Mining joins candidates against it, which stays linear even when many
     passages share one generic query text (a pairwise table would be quadratic)."""
     return pl.from_arrow(queries.select(["query", "passage_id"])).unique()
+
+
+class PairsStage(Stage):
+    """pairs mode, instead of generation: the queries table from the user's pairs, in shards."""
+
+    name = "pairs"
+    version = "1"
+    whole = ("pairs", "ingested", "passages")
+    outputs = ("queries",)
+    libraries = ("polars", "pyarrow")
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return cfg.input.mode == "pairs"
+
+    def settings(self, cfg: PipelineConfig) -> Any:
+        return cfg.output.shard_size
+
+    def run(self, job: Job) -> Outcome:
+        pairs = job.read("pairs")
+        positives = job.read(
+            "ingested",
+            columns=["passage_id", "text"],
+            where=ids_in("passage_id", pairs.column("passage_id").to_pylist()),
+        )
+        queries, duplicates = queries_from_pairs(pairs, positives, job.paths("passages"))
+        for part in slice_table(queries.sort_by("query_id"), job.cfg.output.shard_size):
+            job.write("queries", part)
+        return Outcome(rows_out=queries.num_rows, deduplicated=duplicates)

@@ -60,13 +60,11 @@ def tiny_config(tmp_path: Path, corpus: Path, **sections) -> PipelineConfig:  # 
 
 @pytest.fixture(scope="session")
 def model_workers(ray_session, tmp_path_factory):
-    """The vLLM engine and the embedder, loaded once and shared by every test that needs them."""
-    from flows import runtime
+    """The vLLM engine and the embedder, loaded once and shared by every test that needs them:
+    runs find the named actors and reuse them (and leave them running)."""
+    from flows.workers import RayModels
 
     corpus = write_jsonl(tmp_path_factory.mktemp("w") / "c.jsonl", sample_rows(3))
     cfg = tiny_config(tmp_path_factory.mktemp("w"), corpus)
-    llm = runtime.llm_worker(cfg)
-    emb = runtime.embed_worker(cfg)
-    yield llm, emb
-    for handle in (llm, emb):
-        runtime.shutdown_worker(handle)
+    with RayModels(cfg) as host:
+        yield host.acquire("llm"), host.acquire("embedder")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from schemas.tables import PASSAGES
-from tasks.ingest import normalize_text, passage_id
+from tasks.text import normalize_text, passage_id
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample" / "passages.jsonl"

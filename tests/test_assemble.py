@@ -6,12 +6,8 @@ import pytest
 
 from schemas.config import SplitConfig
 from schemas.tables import CANDIDATES, CLUSTERS, QUERIES, TRIPLETS
-from tasks.assemble import (
-    assemble_triplets,
-    split_of,
-    to_flagembedding_lines,
-    to_sentence_transformers,
-)
+from tasks.assemble import assemble_triplets, split_of
+from tasks.exports import to_flagembedding_lines, to_sentence_transformers
 from tests.helpers import passages
 
 

@@ -5,7 +5,8 @@ import pytest
 
 from schemas.config import DedupConfig
 from schemas.tables import CLUSTERS, PASSAGES
-from tasks.dedup import deduplicate, exact_dedup, jaccard, shingle_set
+from tasks.dedup import deduplicate, exact_dedup
+from tasks.text import jaccard, shingle_set
 from tests.helpers import passages
 
 
@@ -109,7 +110,7 @@ def test_folding_keeps_words_with_combining_marks_whole():
 def test_semantic_clusters_join_paraphrases_and_merge_existing_clusters():
     import numpy as np
 
-    from tasks.dedup import semantic_clusters
+    from tasks.semantic import semantic_clusters
 
     def unit(v):
         v = np.asarray(v, dtype=np.float32)
@@ -215,7 +216,7 @@ def test_lsh_candidates_are_exactly_the_pairs_sharing_a_band():
     from hypothesis import strategies as st
     from hypothesis.extra.numpy import arrays
 
-    from tasks.dedup import lsh_candidates
+    from tasks.minhash import lsh_candidates
 
     @settings(max_examples=60, deadline=None)
     @given(
@@ -240,7 +241,8 @@ def test_polars_shingles_are_the_python_shingles():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from tasks.dedup import fold_many, shingle_hashes, shingles_of
+    from tasks.minhash import shingle_hashes
+    from tasks.text import fold_many, shingles_of
 
     words = st.sampled_from(["a", "b", "c", "dé", "x-y", "Z", "42"])
 

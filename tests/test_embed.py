@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.build import _embed_output
+from flows.executor import Executor
+from flows.models import LocalModels
 from schemas.config import PipelineConfig
 from schemas.manifest import ShardInfo
-from tasks.embed import Embedder, cpu_flags, resolve_precision
+from tasks.embedder import Embedder, resolve_precision
+from tasks.hardware import cpu_flags
 from tasks.models import minilm_path
 from tests.helpers import SAMPLE, sample_rows
 
@@ -41,12 +43,21 @@ def test_cpu_flags_reads_the_flags_line(tmp_path: Path):
 
 
 def test_the_resolved_precision_is_part_of_every_embedding_fingerprint(tmp_path: Path):
-    """Two machines that resolve `auto` differently never reuse each other's shards."""
-    cfg = PipelineConfig.model_validate({"input": {"paths": [str(SAMPLE)]}})
+    """Two machines that resolve `auto` differently never reuse each other's shards; `auto` and
+    what it resolves to here are the same shard."""
+    from tasks.embed import EmbedStage
+
     shard = ShardInfo(path="passages/part-00000.parquet", rows=3, sha256="ab" * 32, fingerprint="x")
-    fp32, path32 = _embed_output(shard, "passages", 0, cfg, str(tmp_path), "float32")
-    bf16, path16 = _embed_output(shard, "passages", 0, cfg, str(tmp_path), "bfloat16")
-    assert fp32 != bf16 and path32 == path16
+
+    def fingerprint(precision: str) -> str:
+        cfg = PipelineConfig.model_validate(
+            {"input": {"paths": [str(SAMPLE)]}, "embedding": {"precision": precision}}
+        )
+        executor = Executor(cfg, tmp_path / "run", LocalModels(cfg))
+        return executor._jobs(EmbedStage("passages"), {"passages": [shard]})[0].fingerprint
+
+    assert fingerprint("float32") != fingerprint("bfloat16")
+    assert fingerprint("auto") == fingerprint(resolve_precision("auto", "cpu"))
 
 
 @pytest.mark.slow

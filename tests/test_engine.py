@@ -3,10 +3,9 @@
 import json
 
 import pytest
-import ray
 
 from schemas.llm import query_json_schema
-from tasks.generate import SamplingSettings
+from tasks.llm.base import SamplingSettings
 from tasks.prompts import PROMPTS
 from tests.helpers import sample_rows
 
@@ -17,11 +16,8 @@ def test_structured_output_is_always_schema_valid_json(model_workers):
     llm, _ = model_workers
     rows = sample_rows(16)
     convs = [PROMPTS["keywords"].messages(r["text"]) for r in rows]
-    outs = ray.get(
-        llm.actor.chat_json.remote(
-            convs, query_json_schema(120), SamplingSettings(96, 0.0, 1.0), list(range(16))
-        ),
-        timeout=600,
+    outs = llm.client().chat_json(
+        convs, query_json_schema(120), SamplingSettings(96, 0.0, 1.0), list(range(16))
     )
     assert len(outs) == 16
     finished = [o for o in outs if o.finish_reason == "stop"]
@@ -38,7 +34,7 @@ def test_same_seed_same_output(model_workers):
     sampling = SamplingSettings(48, 0.8, 0.95)
 
     def sample(seed: int) -> str:
-        outs = ray.get(llm.actor.chat_json.remote(conv, query_json_schema(120), sampling, [seed]))
+        outs = llm.client().chat_json(conv, query_json_schema(120), sampling, [seed])
         return outs[0].text
 
     # No warm-up: the first call computes the prompt's prefix, the second could read it from
@@ -59,12 +55,7 @@ def test_a_batch_repeats_whatever_ran_before(model_workers):
             PROMPTS[style].messages(r["text"]) for r in chunk for style in ("question", "hard")
         ]
         seeds = list(range(len(convs)))
-        outs = ray.get(
-            llm.actor.chat_json.remote(
-                convs, schema, SamplingSettings(48, temperature, 0.95), seeds
-            ),
-            timeout=600,
-        )
+        outs = llm.client().chat_json(convs, schema, SamplingSettings(48, temperature, 0.95), seeds)
         return [o.text for o in outs]
 
     for temperature in (0.0, 0.8):
@@ -77,17 +68,15 @@ def test_embedder_vectors_are_normalized_and_semantic(model_workers):
     import numpy as np
 
     _, emb = model_workers
-    vecs = ray.get(
-        emb.actor.encode.remote(
-            [
-                "how to parse json",
-                "decode a JSON document into Python objects",
-                "bake sourdough bread",
-            ],
-            8,
-            "",
-            32,
-        )
+    vecs = emb.client().encode(
+        [
+            "how to parse json",
+            "decode a JSON document into Python objects",
+            "bake sourdough bread",
+        ],
+        8,
+        "",
+        32,
     )
     assert vecs.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-4)

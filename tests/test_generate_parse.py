@@ -9,18 +9,11 @@ import pytest
 from schemas.config import GenerationConfig
 from schemas.llm import QUERY_STYLES, query_json_schema
 from schemas.tables import QUERIES, REJECTS
-from tasks.generate import (
-    Completion,
-    build_query_requests,
-    check_query,
-    copy_ratio,
-    dominant_script,
-    generate_queries,
-    language_odds,
-    repeated_trigram_share,
-    resolve_llm_dtype,
-)
+from tasks.generate import build_query_requests, check_query, generate_queries
+from tasks.llm.base import Completion
+from tasks.llm.engine import resolve_llm_dtype
 from tasks.prompts import PROMPTS
+from tasks.text import copy_ratio, dominant_script, language_odds, repeated_trigram_share
 from tests.helpers import passages
 
 PASSAGE = (

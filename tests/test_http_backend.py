@@ -30,8 +30,10 @@ import pytest
 
 from schemas.config import GenerationConfig, LLMConfig
 from schemas.llm import query_json_schema
-from tasks.generate import SamplingSettings, engine_env, generate_queries
-from tasks.llm_http import LLMServerError, OpenAIEngine
+from tasks.generate import generate_queries
+from tasks.llm.base import SamplingSettings
+from tasks.llm.engine import engine_env
+from tasks.llm.openai_http import LLMServerError, OpenAIEngine
 from tasks.models import cache_dir, resolve_llm_path
 from tests.helpers import passages, sample_rows, write_jsonl
 

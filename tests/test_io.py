@@ -8,6 +8,9 @@ from tasks import io
 def test_atomic_write_leaves_no_temporary_files_and_carries_fingerprint(tmp_path):
     path = tmp_path / "a" / "part-00000.parquet"
     info = io.write_parquet_atomic(pa.table({"x": [1, 2, 3]}), path, "fp1", stats={"n": 3})
+    again_bytes = tmp_path / "b.parquet"
+    io.write_parquet_atomic(pa.table({"x": [1, 2, 3]}), again_bytes, "fp1", stats={"n": 3})
+    assert io.sha256_file(again_bytes) == info.sha256  # same rows, same bytes
     assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
     assert info.rows == 3 and info.sha256 == io.sha256_file(path)
     assert io.shard_is_current(path, "fp1") and not io.shard_is_current(path, "fp2")
@@ -47,34 +50,6 @@ def test_fingerprint_is_order_stable_and_read_tables_concatenates(tmp_path):
     assert [t.num_rows for t in io.slice_table(pa.table({"x": list(range(5))}), 2)] == [2, 2, 1]
 
 
-def test_prune_stale_removes_only_files_the_manifest_does_not_list(tmp_path):
-    from schemas.manifest import Manifest
-    from tasks.manifest import prune_stale
-
-    kept = io.write_parquet_atomic(
-        pa.table({"x": [1]}), tmp_path / "queries" / "part-00000.parquet", "f"
-    )
-    io.write_parquet_atomic(pa.table({"x": [2]}), tmp_path / "queries" / "part-00001.parquet", "f")
-    (tmp_path / "report").mkdir()
-    (tmp_path / "report" / "keep.png").write_bytes(b"x")
-    doc = Manifest(
-        run_id="r",
-        config_hash="h",
-        config={},
-        created_at="now",
-        tripletforge_version="0",
-        versions={},
-        models={},
-        stages={},
-        reject_reasons={},
-        timings={},
-        shards={"queries": [kept.model_copy(update={"path": "queries/part-00000.parquet"})]},
-    )
-    assert prune_stale(tmp_path, doc) == ["queries/part-00001.parquet"]
-    assert (tmp_path / "queries" / "part-00000.parquet").exists()
-    assert (tmp_path / "report" / "keep.png").exists()
-
-
 def _files(tmp_path, keys_per_file: list[list[str]]) -> list[str]:
     paths = []
     for k, keys in enumerate(keys_per_file):
@@ -89,13 +64,11 @@ def test_sorted_shards_hold_exactly_the_kept_rows_in_key_order(tmp_path, budget)
     files = _files(tmp_path, [["e", "c", "a", "c"], ["d", "b", "f", "c"], []])
     keep = pa.table({"shard": [0, 0, 0, 1, 1, 1, 1], "position": [0, 1, 2, 0, 1, 2, 3]})
     schema = pa.schema([("key", pa.string()), ("file", pa.int64()), ("row", pa.int64())])
-    shards = io.write_sorted_shards(
-        files, keep, "key", 3, tmp_path / "out", "fp", schema, budget_bytes=budget
-    )
-    assert [s.rows for s in shards] == [3, 3, 1]
-    assert [s.path.rsplit("/", 1)[1] for s in shards] == [f"part-0000{i}.parquet" for i in range(3)]
-    assert all(io.shard_is_current(s.path, "fp") for s in shards)
-    rows = io.read_tables([s.path for s in shards]).to_pylist()
+    shards: list[pa.Table] = []
+    n = io.write_sorted_shards(files, keep, "key", 3, schema, shards.append, budget_bytes=budget)
+    assert n == 3 and [s.num_rows for s in shards] == [3, 3, 1]
+    assert all(s.schema.equals(schema) for s in shards)
+    rows = pa.concat_tables(shards).to_pylist()
     # a-f in order; the three "c" rows by (file, row); row 3 of file 0 was not kept
     assert [(r["key"], r["file"], r["row"]) for r in rows] == [
         ("a", 0, 2),
@@ -106,9 +79,12 @@ def test_sorted_shards_hold_exactly_the_kept_rows_in_key_order(tmp_path, budget)
         ("e", 0, 0),
         ("f", 1, 2),
     ]
-    none = io.write_sorted_shards(files, keep.slice(0, 0), "key", 3, tmp_path / "o2", "f", schema)
-    assert [s.rows for s in none] == [0]
-    assert io.write_sorted_shards([], keep, "key", 3, tmp_path / "o3", "f", schema)[0].rows == 0
+    none: list[pa.Table] = []
+    assert io.write_sorted_shards(files, keep.slice(0, 0), "key", 3, schema, none.append) == 1
+    assert [s.num_rows for s in none] == [0]
+    empty: list[pa.Table] = []
+    assert io.write_sorted_shards([], keep, "key", 3, schema, empty.append) == 1
+    assert empty[0].num_rows == 0
 
 
 def test_filtered_read_returns_only_matching_rows_and_columns(tmp_path):

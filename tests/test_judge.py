@@ -9,9 +9,10 @@ import pytest
 from schemas.config import GenerationConfig, GradingConfig, JudgeConfig, MiningConfig
 from schemas.llm import judge_json_schema
 from schemas.tables import CLUSTERS, GENERATED
-from tasks.generate import Completion, check_passage, generate_passages
-from tasks.judge import check_judgement, judge_pairs, verdict_of
+from tasks.llm.base import Completion
+from tasks.llm.judge import check_judgement, judge_pairs, verdict_of
 from tasks.mine import JudgeStep, mine_negatives
+from tasks.write_passages import check_passage, generate_passages
 from tests.test_generate_parse import ScriptedEngine, done
 from tests.test_mine import QUERY, corpus_with_scores, kept_ids, reason_of
 
@@ -25,6 +26,7 @@ POSITIVE = (
 def mine(scores, cfg, **kwargs):
     ids = ["pos"] + [f"n{i}" for i in range(len(scores) - 1)]
     queries = pa.table({"query_id": ["q"], "passage_id": ["pos"], "query": ["what is a heap"]})
+    kwargs.setdefault("texts", {"pos": POSITIVE})  # written passages are measured against it
     result = mine_negatives(
         queries, QUERY, ids, corpus_with_scores(scores), CLUSTERS.empty_table(), cfg, **kwargs
     )
@@ -151,7 +153,7 @@ def test_unsure_and_drop_mode_and_scope_all():
     df, _ = mine([0.8, 0.7, 0.6, 0.5, 0.4], MiningConfig(num_negatives=4), judge=step)
     assert seen == ["n0", "n1"]  # all survivors qualify; the two hardest are judged
     assert reason_of(df, "n0") == "judged_unsure"
-    assert reason_of(df, "n1") == "judged_false_negative"
+    assert reason_of(df, "n1") == "answers_query"
     assert kept_ids(df) == ["n2", "n3"]
 
 

@@ -16,7 +16,7 @@ import ray
 from prefect import flow, task
 from prefect_ray import RayTaskRunner
 
-from flows.build import _Lanes
+from flows.ray_executor import Lanes
 
 pytestmark = pytest.mark.slow
 SHARDS = 8
@@ -61,7 +61,7 @@ def fan_out(width: int | None) -> tuple[list[int], int]:
     if width is None:
         futures = [shard_task.submit(i, model, gauge) for i in range(SHARDS)]
     else:
-        lanes = _Lanes(width)
+        lanes = Lanes(width)
         futures = [lanes.submit(shard_task, i, model, gauge) for i in range(SHARDS)]
     results = [f.result(timeout=120) for f in futures]
     return results, ray.get(gauge.peak.remote())

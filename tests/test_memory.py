@@ -9,7 +9,7 @@ import psutil
 import pytest
 from prefect import allow_failure
 
-from flows.build import _Lanes
+from flows.ray_executor import Lanes
 from tasks.memory import _malloc_trim, releases_heap, return_free_heap
 
 
@@ -53,7 +53,7 @@ class _FakeTask:
 
 @pytest.mark.parametrize("width", [1, 2, 3])
 def test_lanes_make_each_task_wait_for_the_one_width_places_before(width):
-    task, lanes = _FakeTask(), _Lanes(width)
+    task, lanes = _FakeTask(), Lanes(width)
     futures = [lanes.submit(task, i, "shard") for i in range(7)]
     assert futures == [f"future-{i}" for i in range(7)]
     assert [args for args, _ in task.calls] == [(i, "shard") for i in range(7)]

@@ -10,7 +10,8 @@ from hypothesis.extra.numpy import arrays
 
 from schemas.config import MiningConfig
 from schemas.tables import CANDIDATES, CLUSTERS
-from tasks.mine import exact_topk, label_candidates, mine_negatives
+from tasks.mine import label_candidates, mine_negatives
+from tasks.search import exact_topk
 
 
 def unit(v):
@@ -232,7 +233,7 @@ def test_random_sampling_draws_from_survivors_reproducibly():
 
 
 def test_ann_search_agrees_with_exact_search():
-    from tasks.mine import ann_topk
+    from tasks.search import ann_topk
 
     rng = np.random.default_rng(0)
     corpus = rng.normal(size=(2000, 32)).astype(np.float32)

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP chat backend (e.g. a running `vllm.entrypoints.openai.api_server`).
 
-Same interface as the in-process `tasks.generate.VLLMEngine`: `chat_json(conversations, schema,
+Same interface as the in-process `tasks.llm.engine.VLLMEngine`: `chat_json(conversations, schema,
 sampling, seeds) -> [Completion]`, in input order. Requests run concurrently (a thread pool of
 `llm.concurrency` over one httpx client); 5xx, 408, 429, timeouts and connection errors are
 retried with exponential backoff and jitter (honouring a server's `Retry-After`); any other 4xx
@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from schemas.config import LLMConfig
-from tasks.generate import Completion, SamplingSettings
+from tasks.llm.base import Completion, SamplingSettings
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 429})  # and every 5xx

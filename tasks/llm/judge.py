@@ -21,7 +21,7 @@ import polars as pl
 
 from schemas.config import GradingConfig, JudgeConfig
 from schemas.llm import judge_json_schema
-from tasks.generate import (
+from tasks.llm.base import (
     ChatEngine,
     Completion,
     SamplingSettings,

@@ -1,0 +1,404 @@
+"""Does this pipeline make better training data than sentence-transformers' `mine_hard_negatives`?
+
+Train and evaluate, side by side in one run, on real text nobody here wrote: the manual pages of
+this machine's OS packages (benchmarks/manpages.py). A page's NAME description is the query
+("copy a string"), the start of its DESCRIPTION the document. Pages are split into train and
+eval by connected components of (query text, near-duplicate document cluster), so no query text
+and no near-copy of a document is on both sides; about a thousand eval queries.
+
+Every method gets the same training pairs and the same mining corpus (the training documents),
+and produces negatives for them:
+
+- `random`: three random training documents per query;
+- `st_mined`: `mine_hard_negatives` with its defaults (3 hardest, no filter);
+- `st_margin`: `mine_hard_negatives(relative_margin=0.05)` (NV-Retriever's 95% rule);
+- `tripletforge`: this pipeline in pairs mode with its defaults (`tripletforge run` on the
+  pairs, Prefect + Ray, split.eval_fraction 0); its FlagEmbedding export is what is trained on;
+- `tf_simans`: the same with `mining.sampling_strategy: simans`;
+- `tf_written`: the same with passages written by the bundled LLM at grade 1 ("same topic,
+  does not answer") for the first `--written` queries, through the same false-negative gate.
+
+Then, for each method and seed, all-MiniLM-L6-v2 is fine-tuned for the same number of steps
+(one pass over the training pairs at batch 32) with sentence-transformers'
+MultipleNegativesRankingLoss, one of the query's negatives per step (in-batch negatives too);
+a method that drops a query trains on what it kept. Word embeddings are frozen and texts cut
+at 96 tokens to fit a 2-core CPU. nDCG@10 of the eval queries against the whole corpus
+(train and eval documents) is reported per seed, with the untuned model as `base`.
+
+Data checks beside it, on the base model's scores: the share of negatives that are a near copy
+of their positive (shingle Jaccard >= 0.9) and the share scoring above their positive.
+
+Last line: `quality base=B random=R st_mined=S tripletforge=T` (means over seeds).
+Usage: .venv/bin/python benchmarks/quality.py [--seeds 0,1] [--written 128] [--only a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+from manpages import iter_pages  # noqa: E402
+
+from schemas.config import DedupConfig  # noqa: E402
+from tasks.hardware import cpu_description  # noqa: E402
+from tasks.minhash import components, near_duplicate_pairs  # noqa: E402
+from tasks.models import minilm_path  # noqa: E402
+from tasks.text import fold_many, jaccard, shingle_sets  # noqa: E402
+
+WORK = ROOT / ".cache" / "quality"
+DOC_CHARS = 500  # ~96 tokens: what the trainer and the evaluation see
+MAX_TOKENS = 96
+BATCH = 32
+LR = 5e-5
+N_EVAL = 1000
+SCALE = 20.0  # MultipleNegativesRankingLoss's default
+
+
+def cut(text: str) -> str:
+    return text if len(text) <= DOC_CHARS else text[:DOC_CHARS].rsplit(" ", 1)[0]
+
+
+def build_dataset() -> pl.DataFrame:
+    """(query, doc, split) pairs; documents deduplicated by folded text."""
+    pages = list(iter_pages())
+    if len(pages) < 1500:
+        raise SystemExit(
+            f"only {len(pages)} usable manual pages found; install more (e.g. the Debian "
+            "packages manpages manpages-dev) and run again"
+        )
+    df = pl.DataFrame(
+        {
+            "page": [p.name for p in pages],
+            "query": [p.query for p in pages],
+            "doc": [cut(p.document) for p in pages],
+        }
+    )
+    df = df.with_columns(pl.Series("key", fold_many(df["doc"].to_list())))
+    df = df.unique("key", keep="first", maintain_order=True).drop("key")
+    docs, queries = df["doc"].to_list(), fold_many(df["query"].to_list())
+    # split units: documents joined by near-duplication or by a shared query text
+    edges = [
+        (i, j) for i, j, _ in near_duplicate_pairs(fold_many(docs), DedupConfig(near_threshold=0.5))
+    ]
+    first: dict[str, int] = {}
+    for i, q in enumerate(queries):
+        edges.append((first.setdefault(q, i), i))
+    root = components(len(docs), np.array(edges, dtype=np.int64).reshape(-1, 2))
+    order = sorted(set(root.tolist()), key=lambda r: hashlib.blake2b(docs[r].encode()).digest())
+    eval_units, n = set(), 0
+    size = {r: int((root == r).sum()) for r in order}
+    for r in order:
+        if n >= N_EVAL:
+            break
+        eval_units.add(r)
+        n += size[r]
+    split = ["eval" if r in eval_units else "train" for r in root.tolist()]
+    return df.with_columns(pl.Series("split", split))
+
+
+# --- methods ------------------------------------------------------------------------------------
+
+
+def random_negatives(train: pl.DataFrame, seed: int = 0) -> list[list[str]]:
+    rng = random.Random(seed)
+    docs = train["doc"].to_list()
+    return [[d for d in rng.sample(docs, 4) if d != pos][:3] for pos in docs]
+
+
+def st_negatives(train: pl.DataFrame, model, **kwargs) -> list[list[str]]:
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    data = Dataset.from_dict(
+        {"query": train["query"].to_list(), "positive": train["doc"].to_list()}
+    )
+    out = mine_hard_negatives(
+        data, model, corpus=train["doc"].to_list(), output_format="n-tuple", verbose=False, **kwargs
+    )
+    found: dict[tuple[str, str], list[str]] = {}
+    for row in out:
+        negs = [row[k] for k in row if k.startswith("negative")]
+        found.setdefault((row["query"], row["positive"]), []).extend(negs)
+    return [found.get((q, p), []) for q, p in train.select("query", "doc").iter_rows()]
+
+
+def pipeline_negatives(
+    train: pl.DataFrame, name: str, overrides: dict
+) -> tuple[list[list[str]], dict]:
+    """Run the pipeline in pairs mode on the training pairs; its FlagEmbedding export's
+    negatives per pair, and the manifest."""
+    from flows.build import run_pipeline
+    from schemas.config import PipelineConfig
+
+    pairs = WORK / "train-pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"query": q, "positive": d}) + "\n"
+            for q, d in train.select("query", "doc").iter_rows()
+        )
+    )
+    raw = {
+        "name": f"quality-{name}",
+        "input": {"mode": "pairs", "paths": [str(pairs)]},
+        "split": {"eval_fraction": 0.0},
+        "output": {"dir": str(WORK / "runs")},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        raw.setdefault(section, {})[field] = value
+    run_dir, doc = run_pipeline(PipelineConfig.model_validate(raw))
+    found: dict[tuple[str, str], list[str]] = {}
+    with open(run_dir / "exports" / "flagembedding" / "train.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            found[(rec["query"], rec["pos"][0])] = rec["neg"]
+    return [found.get((q, p), []) for q, p in train.select("query", "doc").iter_rows()], doc
+
+
+METHODS = {
+    "tripletforge": {},
+    "tf_simans": {"mining.sampling_strategy": "simans"},
+    "tf_written": {"generation.negative_levels": [1]},
+}
+
+
+# --- training and evaluation --------------------------------------------------------------------
+
+
+def load_model():
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)
+    model.max_seq_length = MAX_TOKENS
+    return model
+
+
+def encode(model, texts: list[str]) -> np.ndarray:
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+        vectors = model.encode(
+            texts,
+            batch_size=64,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+            normalize_embeddings=True,
+        )
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def ndcg_at_10(model, queries: list[str], corpus: list[str], qrels: list[set[int]]) -> float:
+    scores = encode(model, queries) @ encode(model, corpus).T
+    top = np.argsort(-scores, axis=1)[:, :10]
+    total = 0.0
+    for ranked, relevant in zip(top, qrels, strict=True):
+        dcg = sum(1 / math.log2(r + 2) for r, d in enumerate(ranked) if d in relevant)
+        ideal = sum(1 / math.log2(r + 2) for r in range(min(10, len(relevant))))
+        total += dcg / ideal
+    return total / len(qrels)
+
+
+def fine_tune(
+    model,
+    queries: list[str],
+    positives: list[str],
+    negatives: list[list[str]],
+    steps: int,
+    seed: int,
+) -> float:
+    """`steps` batches of (query, positive, one of its negatives); returns the mean loss of the
+    last ten steps."""
+    import torch
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    rows = [i for i, n in enumerate(negatives) if n]
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        order = rows[:]
+        rng.shuffle(order)
+        batches += [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
+    batches = batches[:steps]
+    for p in model[0].auto_model.embeddings.parameters():
+        p.requires_grad = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps)
+    )
+    loss_fn = MultipleNegativesRankingLoss(model, scale=SCALE)
+    model.train()
+    losses = []
+    for batch in batches:
+        columns = [
+            [queries[i] for i in batch],
+            [positives[i] for i in batch],
+            [rng.choice(negatives[i]) for i in batch],
+        ]
+        features = [model.tokenize(c) for c in columns]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+            loss = loss_fn(features, None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss))
+    model.eval()
+    return float(np.mean(losses[-10:]))
+
+
+def data_checks(model, train: pl.DataFrame, negatives: list[list[str]]) -> dict[str, float]:
+    """Share of negatives that copy their positive, and that score above it (base model)."""
+    pairs = [
+        (q, p, n)
+        for (q, p), ns in zip(train.select("query", "doc").iter_rows(), negatives, strict=True)
+        for n in ns
+    ]
+    if not pairs:
+        return {"negatives": 0, "near_copies": 0.0, "above_positive": 0.0}
+    qs, ps, ns = zip(*pairs, strict=True)
+    texts = sorted(set(ps) | set(ns))
+    shingles = dict(zip(texts, shingle_sets(texts, 3), strict=True))
+    copies = sum(jaccard(shingles[p], shingles[n]) >= 0.9 for p, n in zip(ps, ns, strict=True))
+    vec = dict(zip(texts, encode(model, texts), strict=True))
+    qvec = dict(zip(sorted(set(qs)), encode(model, sorted(set(qs))), strict=True))
+    above = sum(float(qvec[q] @ vec[n]) > float(qvec[q] @ vec[p]) for q, p, n in pairs)
+    return {
+        "negatives": len(pairs),
+        "near_copies": copies / len(pairs),
+        "above_positive": above / len(pairs),
+    }
+
+
+BF16 = False
+
+
+def main() -> None:
+    global BF16
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument(
+        "--written", type=int, default=128, help="queries that get written passages"
+    )
+    parser.add_argument("--only", default="", help="comma-separated methods (default: all)")
+    args = parser.parse_args()
+    from tasks.embedder import resolve_precision
+
+    BF16 = resolve_precision("auto", "cpu") == "bfloat16"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    WORK.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    df = build_dataset()
+    train, evals = df.filter(pl.col("split") == "train"), df.filter(pl.col("split") == "eval")
+    corpus = df["doc"].to_list()
+    index = {d: i for i, d in enumerate(corpus)}
+    grouped = evals.group_by("query", maintain_order=True).agg("doc")
+    eval_queries = grouped["query"].to_list()
+    qrels = [{index[d] for d in docs} for docs in grouped["doc"]]
+    print(
+        f"{len(df)} pages: {train.height} training pairs, {len(eval_queries)} eval queries, "
+        f"corpus {len(corpus)} documents ({time.perf_counter() - start:.0f} s); "
+        f"{os.cpu_count()} cores, {cpu_description()}, training in {'bf16' if BF16 else 'float32'}"
+    )
+    only = set(filter(None, args.only.split(",")))
+    wanted = lambda name: not only or name in only  # noqa: E731
+    base = load_model()
+    negatives: dict[str, list[list[str]]] = {}
+    timing: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    for name, kwargs in (
+        ("random", None),
+        ("st_mined", {}),
+        ("st_margin", {"relative_margin": 0.05}),
+    ):
+        if not wanted(name):
+            continue
+        t0 = time.perf_counter()
+        negatives[name] = (
+            random_negatives(train) if kwargs is None else st_negatives(train, base, **kwargs)
+        )
+        timing[name] = time.perf_counter() - t0
+    for name, overrides in METHODS.items():
+        if not wanted(name):
+            continue
+        if name == "tf_written":
+            overrides = {**overrides, "generation.max_written_queries": args.written}
+        t0 = time.perf_counter()
+        negatives[name], doc = pipeline_negatives(train, name, overrides)
+        timing[name] = time.perf_counter() - t0
+        mine = doc["stages"]["mine"]
+        notes[name] = (
+            f"kept {mine['rows_out']}/{mine['rows_in']} queries; "
+            f"filtered {mine['extra']['filtered']}"
+        )
+        if name == "tf_written":
+            written = doc["stages"].get("generate_passages", {})
+            notes[name] += (
+                f"; written {written.get('rows_out', 0)}/{written.get('rows_in', 0)}, kept as "
+                f"negatives {mine['extra'].get('generated_kept', 0)}, removed "
+                f"{mine['extra'].get('filtered_generated', {})}"
+            )
+    steps = train.height // BATCH
+    results: dict[str, list[float]] = {"base": [ndcg_at_10(base, eval_queries, corpus, qrels)]}
+    checks = {name: data_checks(base, train, negs) for name, negs in negatives.items()}
+    losses: dict[str, list[float]] = {}
+    for seed in seeds:
+        for name, negs in negatives.items():
+            t0 = time.perf_counter()
+            model = load_model()
+            loss = fine_tune(
+                model, train["query"].to_list(), train["doc"].to_list(), negs, steps, seed
+            )
+            score = ndcg_at_10(model, eval_queries, corpus, qrels)
+            results.setdefault(name, []).append(score)
+            losses.setdefault(name, []).append(loss)
+            print(
+                f"  {name:13s} seed {seed}: nDCG@10 {score:.4f}, final loss {loss:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    print(f"\n{steps} steps x {BATCH} per method and seed; seeds {seeds}\n")
+    columns = ["method", "nDCG@10 mean", "per seed", "spread", "queries trained", "negatives"]
+    columns += ["near copies", "above positive", "mining s"]
+    print("| " + " | ".join(columns) + " |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, scores in results.items():
+        c = checks.get(name, {})
+        trained = sum(1 for n in negatives[name] if n) if name in negatives else 0
+        print(
+            f"| {name} | {np.mean(scores):.4f} | {' / '.join(f'{s:.4f}' for s in scores)} | "
+            f"{max(scores) - min(scores):.4f} | {trained or '-'} | {c.get('negatives', '-')} | "
+            f"{c.get('near_copies', 0):.3f} | {c.get('above_positive', 0):.3f} | "
+            f"{timing.get(name, 0):.0f} |"
+        )
+    for name, note in notes.items():
+        print(f"{name}: {note}")
+    print(f"total {time.perf_counter() - start:.0f} s")
+    mean = {k: float(np.mean(v)) for k, v in results.items()}
+    print(
+        f"quality base={mean['base']:.4f} random={mean.get('random', float('nan')):.4f} "
+        f"st_mined={mean.get('st_mined', float('nan')):.4f} "
+        f"tripletforge={mean.get('tripletforge', float('nan')):.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""LLM backends behind one interface (`ChatEngine`), and the judge that uses them."""
