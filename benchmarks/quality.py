@@ -50,9 +50,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
+import yaml  # noqa: E402
 from manpages import iter_pages  # noqa: E402
 
 from schemas.config import DedupConfig  # noqa: E402
@@ -299,7 +303,18 @@ def main() -> None:
         "--written", type=int, default=128, help="queries that get written passages"
     )
     parser.add_argument("--only", default="", help="comma-separated methods (default: all)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="another pipeline variant, NAME:section.key=value,... (to choose defaults by T)",
+    )
     args = parser.parse_args()
+    for spec in args.variant:
+        name, _, sets = spec.partition(":")
+        METHODS[name] = {
+            k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets.split(","))
+        }
     from tasks.embedder import resolve_precision
 
     BF16 = resolve_precision("auto", "cpu") == "bfloat16"

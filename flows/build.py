@@ -21,6 +21,7 @@ from prefect_ray import RayTaskRunner
 from flows import runtime
 from flows.executor import Executor
 from flows.manifest import finish_run
+from flows.preflight import preflight
 from flows.ray_executor import RayDispatch
 from flows.workers import RayModels
 from schemas.config import PipelineConfig
@@ -82,6 +83,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None) -> tuple[Pa
     Ray is started by the flow's RayTaskRunner (local, num_cpus from the machine or config), or
     reused when already initialised (tests, notebooks), or joined at RAY_ADDRESS (ray job submit).
     """
+    preflight(cfg, output_dir)  # a user error ends here, in seconds, before Ray or Prefect
     run_dir = Path(output_dir or cfg.output.dir) / cfg.run_id
     kwargs = runtime.ray_init_kwargs(cfg)
     address = kwargs.pop("address", None)
@@ -117,6 +119,7 @@ def run_local(
     from flows.models import LocalModels
 
     started = time.time()
+    preflight(cfg, output_dir)
     run_dir = (Path(output_dir or cfg.output.dir) / cfg.run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     executor = Executor(cfg, run_dir, LocalModels(cfg, **models), None, cfg.output.cache_dir)

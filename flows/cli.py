@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -152,14 +154,44 @@ def run(
     with_report: Annotated[
         bool, typer.Option("--report", help="Also write report/report.html with plots.")
     ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
 ) -> None:
     """Build a triplet dataset: ingest, dedup, generate, embed, mine, assemble."""
     _quiet_env()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with user_errors(debug):
+        _run(config, output, set_ or [], with_report)
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool) -> Iterator[None]:
+    """A mistake in the input, the config or the set-up ends the command with one clear
+    sentence and exit status 2, no traceback (`--debug` shows it)."""
+    from pydantic import ValidationError
+
+    from tasks.stage import InputError
+
+    try:
+        yield
+    except (InputError, ValidationError, FileNotFoundError) as e:
+        if debug:
+            raise
+        if isinstance(e, ValidationError):
+            problems = [
+                f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}" for x in e.errors()
+            ]
+            message = "invalid config: " + "; ".join(problems)
+        else:
+            message = str(e)
+        typer.echo(f"error: {message}", err=True)  # one line, never wrapped
+        raise typer.Exit(2) from None
+
+
+def _run(config: Path, output: str | None, overrides: list[str], with_report: bool) -> None:
     from flows.build import run_pipeline
     from schemas.config import load_config
 
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, overrides)
     console.print(f"run id [bold]{cfg.run_id}[/bold] (config hash {cfg.config_hash()[:12]})")
     start = time.perf_counter()
     with console.status("starting Ray and the Prefect flow...") as status:

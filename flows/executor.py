@@ -33,7 +33,7 @@ from schemas.config import PipelineConfig
 from schemas.manifest import ShardInfo
 from tasks.io import fingerprint, read_tables, sha256_file
 from tasks.memory import return_free_heap
-from tasks.stage import Stage, merge_stats, reason_counts
+from tasks.stage import InputError, Stage, merge_stats, reason_counts
 
 log = logging.getLogger(__name__)
 # Stage and shard progress for whoever listens (the CLI shows it live).
@@ -204,7 +204,7 @@ class LocalDispatch:
         for i, spec in enumerate(pending):
             try:
                 out.append(execute(spec))
-            except AccountingError:
+            except (AccountingError, InputError):
                 raise
             except Exception as e:
                 raise StageError(f"stage {stage}, shard {spec.index}: {e}") from e

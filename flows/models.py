@@ -163,6 +163,7 @@ class ModelHost:
         self.cfg = cfg
         self.started: dict[str, Any] = {}  # name -> handle
         self.load_seconds: dict[str, float] = {}
+        self.used: set[str] = set()  # models some job of this run needed
         self._identity: dict[str, dict[str, Any]] = {}
 
     def gpus(self) -> float:
@@ -177,6 +178,7 @@ class ModelHost:
         return self._identity[name]
 
     def acquire(self, name: str) -> Any:
+        self.used.add(name)
         if name not in self.started:
             self.started[name] = self._start(name)
         return self.started[name]
@@ -222,6 +224,7 @@ class ModelHost:
                 }
             else:
                 record = {"path": self.cfg.mining.rescore_model_path, **ident}
+            record["used"] = name in self.used  # False: every job that needs it was reused
             if name in self.load_seconds:
                 record["load_seconds"] = round(self.load_seconds[name], 3)
             out[name] = record

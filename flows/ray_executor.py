@@ -17,7 +17,7 @@ from flows.executor import AccountingError, JobSpec, StageError, execute, progre
 from flows.models import ModelHost
 from flows.workers import ActorHandle
 from schemas.config import PipelineConfig
-from tasks.stage import Stage
+from tasks.stage import InputError, Stage
 
 MODEL_LANES = 2
 
@@ -75,7 +75,7 @@ class RayDispatch:
         for i, (spec, future) in enumerate(pending):
             try:
                 out.append(future.result(timeout=timeout_s))
-            except AccountingError:
+            except (AccountingError, InputError):
                 raise
             except Exception as e:
                 raise StageError(f"stage {stage}, shard {spec.index}: {e}") from e

@@ -31,7 +31,17 @@ class InputConfig(_Section):
     mode: Literal["passages", "pairs"] = "passages"
     paths: list[str] = Field(min_length=1, description="Files or glob patterns.")
     corpus_paths: list[str] = Field(default_factory=list, description="pairs mode: more passages.")
-    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "json", "csv", "tsv"] = Field(
+        default="auto",
+        description="auto: from the file name (.parquet .jsonl .ndjson .json .csv .tsv, with "
+        ".gz/.zst/.bz2 compression suffixes).",
+    )
+    on_unreadable: Literal["error", "reject"] = Field(
+        default="error",
+        description="A file that cannot be read at all (truncated or fake Parquet, unreadable "
+        "encoding): a clear error naming it, or one unreadable_file reject standing for the "
+        "rows it declared.",
+    )
     query_column: str = "query"
     positive_column: str = "positive"
     text_column: str = "text"
@@ -373,9 +383,9 @@ class MiningConfig(_Section):
 class QueryFilterConfig(_Section):
     """Which queries make good training data (each removal has a reason and a count).
 
-    - near-duplicate queries (embedding cosine >= dedup_threshold, after embedding): one is kept,
-      the others removed as `duplicate_query`; their positives become known positives of the
-      kept one, so they are never its negatives;
+    - near-duplicate queries (embedding cosine >= dedup_threshold, after embedding) for the same
+      positive (or a near-copy of it): one is kept, the others removed as `duplicate_query`
+      (near-identical queries for different positives are different questions and stay);
     - `too_easy`: the positive scores more than `too_easy_margin` above every mined candidate;
     - `too_generic`: at least `too_generic_count` mined candidates score >= `too_generic_ratio`
       x the positive (the query does not single its positive out).
@@ -388,8 +398,16 @@ class QueryFilterConfig(_Section):
 
 
 class SplitConfig(_Section):
+    """Train/eval by split units: connected components of query texts and the duplicate clusters
+    of their positives, so no query text and no positive cluster is on both sides."""
+
     eval_fraction: float = Field(default=0.1, ge=0, lt=1)
     seed: int = 0
+    allow_eval_negatives: bool = Field(
+        default=False,
+        description="Keep train negatives that are in the duplicate cluster of an eval positive "
+        "(by default they are removed, and counted in the manifest).",
+    )
 
 
 class OutputConfig(_Section):

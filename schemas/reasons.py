@@ -44,5 +44,6 @@ TOO_EASY = "too_easy"
 TOO_GENERIC = "too_generic"
 TOO_FEW_NEGATIVES = "too_few_negatives"
 DUPLICATE_QUERY = "duplicate_query"  # query dedup (tasks.query_dedup)
+EVAL_NEGATIVES_ONLY = "eval_negatives_only"  # assemble: a train query whose negatives all leaked
 
 QUERY_REASONS = (FAILED_CONSISTENCY, TOO_EASY, TOO_GENERIC, TOO_FEW_NEGATIVES)

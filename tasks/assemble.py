@@ -7,16 +7,17 @@ import collections
 import hashlib
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.config import DedupConfig, PipelineConfig, SplitConfig
-from schemas.reasons import RELABELED
-from schemas.tables import CANDIDATES, GENERATED, TRIPLETS
+from schemas.reasons import EVAL_NEGATIVES_ONLY, RELABELED
+from schemas.tables import CANDIDATES, GENERATED, REJECTS, TRIPLETS
 from tasks import exports
 from tasks.io import ids_in, parquet_bytes, slice_table
-from tasks.minhash import near_duplicate_pairs
+from tasks.minhash import components, near_duplicate_pairs
 from tasks.stage import Job, Outcome, Stage
 from tasks.text import fold_many
 
@@ -62,8 +63,8 @@ def assemble_triplets(
     rank, then passages the LLM wrote, by grade) and the mined passages the judge relabelled as
     positives.
 
-    The split is decided by the positive's duplicate cluster, so copies of one passage never
-    land in both train and eval.
+    The split is decided by `split_units`: query texts and positive clusters that touch are on
+    the same side.
     """
     text = pl.from_arrow(passages.select(["passage_id", "text"]))
     if generated is not None and generated.num_rows:
@@ -93,13 +94,94 @@ def assemble_triplets(
         .with_columns(pl.col("cluster_id").fill_null(pl.col("passage_id")))
         .rename({"passage_id": "positive_id"})
     )
-    groups = df["cluster_id"].unique().to_list()
-    split_map = pl.DataFrame(
-        {"cluster_id": groups, "split": [split_of(g, cfg) for g in groups]},
-        schema={"cluster_id": pl.String, "split": pl.String},
+    units = split_units(df, cluster_of)
+    split_map = units.select(
+        "query_id",
+        pl.col("unit")
+        .map_elements(lambda u: split_of(u, cfg), return_dtype=pl.String)
+        .alias("split"),
     )
-    df = df.join(split_map, on="cluster_id", how="left").sort("query_id")
+    df = df.join(split_map, on="query_id", how="left").sort("query_id")
     return df.select(TRIPLETS.names).to_arrow().cast(TRIPLETS)
+
+
+def split_units(triplets: pl.DataFrame, cluster_of: pl.DataFrame) -> pl.DataFrame:
+    """(query_id, unit): the unit a triplet is split by, the connected component of query texts
+    (folded) and the duplicate clusters of their positives and relabelled extra positives. One
+    query text with positives in two clusters, or one cluster reached by two query texts, is
+    one unit, so no query text and no positive cluster can be on both sides."""
+    extra = (
+        triplets.select(
+            "query_id",
+            pl.col("extra_positives").list.eval(pl.element().struct.field("id")).alias("pid"),
+        )
+        .explode("pid")
+        .drop_nulls("pid")
+        .join(cluster_of.rename({"passage_id": "pid"}), on="pid", how="left")
+        .with_columns(pl.col("cluster_id").fill_null(pl.col("pid")))
+        .select("query_id", "cluster_id")
+    )
+    folded = pl.Series(fold_many(triplets["query"].to_list()))
+    edges = (
+        pl.concat([triplets.select("query_id", "cluster_id"), extra])
+        .join(triplets.select("query_id", ("q:" + folded).alias("text")), on="query_id")
+        .with_columns(("c:" + pl.col("cluster_id")).alias("cluster"))
+    )
+    nodes = pl.concat([edges["text"], edges["cluster"]]).unique().sort()
+    index = {n: i for i, n in enumerate(nodes.to_list())}
+    pairs = np.array([(index[a], index[b]) for a, b in edges.select("text", "cluster").iter_rows()])
+    root = components(len(index), pairs.reshape(-1, 2).astype(np.int64))
+    # a unit is named by its smallest cluster (stable under new, unrelated data)
+    names = nodes.to_list()
+    smallest: dict[int, str] = {}
+    for i, name in enumerate(names):
+        if name.startswith("c:") and root[i] not in smallest:
+            smallest[root[i]] = name[2:]
+    unit = {name: smallest[root[i]] for i, name in enumerate(names) if name.startswith("q:")}
+    return triplets.select("query_id", ("q:" + folded).alias("text")).select(
+        "query_id", pl.col("text").replace_strict(unit, return_dtype=pl.String).alias("unit")
+    )
+
+
+def remove_eval_negatives(
+    triplets: pa.Table, clusters: pa.Table
+) -> tuple[pa.Table, int, list[str]]:
+    """Train negatives in the duplicate cluster of an eval positive (or extra positive) would show
+    the model an eval answer: removed. Returns (triplets, negatives removed, query_ids of train
+    triplets left with no negative, which are dropped)."""
+    cluster_of = pl.from_arrow(clusters.select(["passage_id", "cluster_id"])).unique("passage_id")
+    df = pl.from_arrow(triplets)
+    positives = pl.concat(
+        [
+            df.filter(pl.col("split") == "eval").select(pl.col("positive_id").alias("id")),
+            df.filter(pl.col("split") == "eval")
+            .select(
+                pl.col("extra_positives").list.eval(pl.element().struct.field("id")).alias("id")
+            )
+            .explode("id")
+            .drop_nulls(),
+        ]
+    )
+    eval_clusters = (
+        positives.join(cluster_of.rename({"passage_id": "id"}), on="id", how="left")
+        .select(pl.coalesce("cluster_id", "id"))
+        .to_series()
+        .unique()
+    )
+    eval_ids = cluster_of.filter(pl.col("cluster_id").is_in(eval_clusters.implode()))["passage_id"]
+    banned = pl.concat([eval_ids, eval_clusters]).unique().implode()
+    before = df["negatives"].list.len().sum()
+    train = pl.col("split") == "train"
+    df = df.with_columns(
+        pl.when(train)
+        .then(pl.col("negatives").list.filter(~pl.element().struct.field("id").is_in(banned)))
+        .otherwise(pl.col("negatives"))
+        .alias("negatives")
+    )
+    removed = int(before - df["negatives"].list.len().sum())
+    empty = df.filter(train & (pl.col("negatives").list.len() == 0))["query_id"].to_list()
+    df = df.filter(~pl.col("query_id").is_in(pl.Series(empty, dtype=pl.String).implode()))
+    return df.to_arrow().cast(TRIPLETS), removed, empty
 
 
 def leakage_report(
@@ -147,10 +229,10 @@ class AssembleStage(Stage):
     """The triplets of every query mining kept, split, with the leakage report and exports."""
 
     name = "assemble"
-    version = "2"
+    version = "3"
     whole = ("queries", "candidates", "passages", "clusters", "generated")
     optional = frozenset({"generated"})
-    outputs = ("triplets",)
+    outputs = ("triplets", "rejects")
     libraries = ("polars", "pyarrow")
 
     def settings(self, cfg: PipelineConfig) -> Any:
@@ -176,14 +258,19 @@ class AssembleStage(Stage):
         queries = job.read("queries")
         used = self._used(job).cast(CANDIDATES)
         ids = queries["passage_id"].to_pylist() + used["passage_id"].to_pylist()
+        clusters = job.read("clusters")
         triplets = assemble_triplets(
             queries,
             job.read("passages", columns=["passage_id", "text"], where=ids_in("passage_id", ids)),
             used,
-            job.read("clusters"),
+            clusters,
             cfg.split,
             job.read("generated").cast(GENERATED) if job.has("generated") else None,
         )
+        removed, dropped = 0, []
+        if not cfg.split.allow_eval_negatives:
+            triplets, removed, dropped = remove_eval_negatives(triplets, clusters)
+        job.write("rejects", _rejects(dropped))
         for part in slice_table(triplets, cfg.output.shard_size):
             job.write("triplets", part)
         written = write_exports(job, triplets)
@@ -196,15 +283,31 @@ class AssembleStage(Stage):
         extra = sum(len(x) for x in triplets.column("extra_positives").to_pylist())
         return Outcome(
             rows_out=triplets.num_rows,
-            rejected=self.rows_in(job) - triplets.num_rows,
+            rejected=len(dropped),
             stats={
                 "splits": splits,
                 "grades": dict(sorted(grades.items())),
                 "extra_positives": extra,
-                "leakage": leakage_report(triplets, job.read("clusters")),
+                "eval_positives_removed_from_train_negatives": removed,
+                "leakage": leakage_report(triplets, clusters),
                 "exports": written,
             },
         )
+
+
+def _rejects(query_ids: list[str]) -> pa.Table:
+    n = len(query_ids)
+    return pa.table(
+        {
+            "stage": ["assemble"] * n,
+            "source": query_ids,
+            "row": pa.nulls(n, pa.int64()),
+            "reason": [EVAL_NEGATIVES_ONLY] * n,
+            "detail": ["every negative was in the cluster of an eval positive"] * n,
+            "raw": pa.nulls(n, pa.string()),
+        },
+        schema=REJECTS,
+    )
 
 
 def write_exports(job: Job, triplets: pa.Table) -> dict[str, Any]:

@@ -765,7 +765,7 @@ def mine_negatives(
     return MiningResult(
         df.select(CANDIDATES.names).to_arrow().cast(CANDIDATES),
         _query_reject_rows(all_rejected).to_arrow().cast(REJECTS),
-        len(qids) - all_rejected.height,
+        df.filter(pl.col("kept"))["query_id"].n_unique(),  # measured, not len(qids) - rejects
         judge_stats,
     )
 

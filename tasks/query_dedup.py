@@ -1,10 +1,13 @@
-"""Query dedup: near-identical queries (embedding cosine >= `queries.dedup_threshold`) teach the
-same thing twice, and a near-identical query with another positive makes each positive a false
-negative of the other. One of each group is kept; the others are `duplicate_query`, and their
-positives become known positives of the kept one (mining never makes them its negatives).
+"""Query dedup: near-identical queries (embedding cosine >= `queries.dedup_threshold`) for the
+same positive (or a near-copy of it: the same duplicate cluster) teach the same thing twice, as
+the five query styles of one passage often do. One of each group is kept; the others are
+`duplicate_query`.
 
-Queries with the same (folded) text are one query with several positives (pairs mode), not
-duplicates: they are kept together.
+Near-identical queries for *different* positives are kept: "compress or decompress lz4 files"
+and "... xz files" are different questions, and each one's answer is the other's best hard
+negative (on the man-page benchmark, removing them and treating the other positive as a known
+positive cost nDCG; benchmarks/RESULTS.md). Queries with the same (folded) text are one query
+with several positives (pairs mode), not duplicates: they are kept together.
 """
 
 from __future__ import annotations
@@ -27,18 +30,26 @@ NEIGHBOURS = 10
 
 
 def near_duplicate_queries(
-    queries: pa.Table, vectors: np.ndarray, threshold: float, ann: bool = False
+    queries: pa.Table,
+    vectors: np.ndarray,
+    threshold: float,
+    ann: bool = False,
+    cluster_of: dict[str, str] | None = None,
 ) -> pa.Table:
     """(query_id, duplicate_of, positive_id, similarity) of every query removed as a
-    near-duplicate: in a group of queries joined by cosine >= threshold, the first by query_id
-    is kept with every query of the same folded text; the others point at it."""
+    near-duplicate: in a group of queries for one positive cluster joined by cosine >=
+    threshold, the first by query_id is kept with every query of the same folded text; the
+    others point at it."""
     ids = queries.column("query_id").to_pylist()
     if len(ids) < 2:
         return QUERY_DUPLICATES.empty_table()
+    positives = queries.column("passage_id").to_pylist()
+    cluster = np.array([(cluster_of or {}).get(p, p) for p in positives], dtype=object)
     idx, scores = topk(vectors, vectors, min(NEIGHBOURS + 1, len(ids)), ann)
     rows = np.repeat(np.arange(len(ids)), idx.shape[1])
     cols, sims = idx.reshape(-1), scores.reshape(-1)
     hit = (sims >= threshold) & (cols != rows) & (cols >= 0)
+    hit &= cluster[rows] == cluster[np.where(cols >= 0, cols, 0)]  # one positive (cluster)
     edges = np.stack([rows[hit], cols[hit]], axis=1)
     df = pl.DataFrame(
         {
@@ -77,8 +88,8 @@ def near_duplicate_queries(
 
 class QueryDedupStage(Stage):
     name = "query_dedup"
-    version = "1"
-    whole = ("queries", "embeddings.queries")
+    version = "2"
+    whole = ("queries", "embeddings.queries", "clusters")
     outputs = ("query_duplicates",)
     libraries = ("faiss-cpu", "polars", "numpy", "scipy")
 
@@ -97,7 +108,13 @@ class QueryDedupStage(Stage):
         ann = cfg.mining.search == "ann" or (
             cfg.mining.search == "auto" and len(ids) >= cfg.mining.ann_min_corpus
         )
-        duplicates = near_duplicate_queries(queries, vectors, cfg.queries.dedup_threshold, ann)
+        clusters = job.read("clusters", columns=["passage_id", "cluster_id"])
+        cluster_of = dict(
+            zip(clusters["passage_id"].to_pylist(), clusters["cluster_id"].to_pylist(), strict=True)
+        )
+        duplicates = near_duplicate_queries(
+            queries, vectors, cfg.queries.dedup_threshold, ann, cluster_of
+        )
         job.write("query_duplicates", duplicates)
         return Outcome(
             rows_out=queries.num_rows - duplicates.num_rows, deduplicated=duplicates.num_rows

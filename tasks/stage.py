@@ -39,6 +39,11 @@ if TYPE_CHECKING:
     from schemas.config import PipelineConfig
 
 
+class InputError(ValueError):
+    """A problem with the user's input or config (a file, a column, a setting): its message says
+    what and where, and is shown as it is, without a traceback."""
+
+
 @dataclass
 class Outcome:
     """What one job of a stage produced, besides the tables it wrote."""

@@ -175,3 +175,107 @@ def test_leakage_report_counts_what_eval_shares_with_train():
     }
     clean = triplets.filter(pc.equal(triplets["split"], "train"))
     assert leakage_report(clean, clusters) == dict.fromkeys(report, 0)
+
+
+def leak_inputs(seed: int):
+    """Random queries over 30 passages in 10 clusters: query texts repeat across positives, and
+    negatives are drawn from anywhere (so some are other queries' positives)."""
+    import random
+
+    rng = random.Random(seed)
+    texts = [f"passage number {i} with some words" for i in range(30)]
+    ps = passages(texts)
+    pid = ps["passage_id"].to_pylist()
+    clusters = pa.Table.from_pylist(
+        [
+            {
+                "passage_id": p,
+                "cluster_id": pid[(i // 3) * 3],
+                "kind": "near",
+                "similarity": 0.8,
+                "is_canonical": i % 3 == 0,
+                "source": "f",
+                "row": i,
+            }
+            for i, p in enumerate(pid)
+        ],
+        schema=CLUSTERS,
+    )
+    query_texts = [f"question {k}" for k in range(3)]
+    queries, cands = [], []
+    for q in range(40):
+        positive = rng.randrange(30)
+        queries.append(
+            {
+                "query_id": f"q{q:02d}",
+                "passage_id": pid[positive],
+                # mostly a text of its own; now and then one shared with other queries
+                "query": rng.choice(query_texts) if rng.random() < 0.1 else f"about {positive}",
+                "style": "question",
+                "model": "m",
+                "backend": "b",
+                "prompt_version": "v",
+                "sampling": "{}",
+                "seed": 0,
+                "attempt": 1,
+                "output_tokens": 1,
+            }
+        )
+        for rank, n in enumerate(rng.sample([i for i in range(30) if i != positive], 3)):
+            cands.append(
+                {
+                    "query_id": f"q{q:02d}",
+                    "passage_id": pid[n],
+                    "score": 0.5,
+                    "positive_score": 0.9,
+                    "rank": rank,
+                    "origin": "mined",
+                    "kept": True,
+                    "reason": None,
+                }
+            )
+    return (
+        pa.Table.from_pylist(queries, schema=QUERIES),
+        ps,
+        pa.Table.from_pylist(cands, schema=CANDIDATES),
+        clusters,
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_splits_cannot_leak_a_query_text_or_a_positive_cluster(seed):
+    from tasks.assemble import remove_eval_negatives
+
+    queries, ps, cands, clusters = leak_inputs(seed)
+    triplets = assemble_triplets(queries, ps, cands, clusters, SplitConfig(eval_fraction=0.4))
+    rows = triplets.to_pylist()
+    assert {r["split"] for r in rows} == {"train", "eval"}
+    cluster_of = dict(
+        zip(clusters["passage_id"].to_pylist(), clusters["cluster_id"].to_pylist(), strict=True)
+    )
+    for key in ("query", "positive_id"):
+        sides: dict = {}
+        for r in rows:
+            value = r[key] if key == "query" else cluster_of[r[key]]
+            sides.setdefault(value, set()).add(r["split"])
+        assert all(len(s) == 1 for s in sides.values()), key
+    # train negatives that are (in the cluster of) an eval positive are removed, and counted
+    eval_clusters = {cluster_of[r["positive_id"]] for r in rows if r["split"] == "eval"}
+    leaked = sum(
+        cluster_of[n["id"]] in eval_clusters
+        for r in rows
+        if r["split"] == "train"
+        for n in r["negatives"]
+    )
+    assert leaked > 0  # the inputs do leak before the removal
+    clean, removed, dropped = remove_eval_negatives(triplets, clusters)
+    assert removed == leaked
+    after = clean.to_pylist()
+    assert all(
+        cluster_of[n["id"]] not in eval_clusters
+        for r in after
+        if r["split"] == "train"
+        for n in r["negatives"]
+    )
+    assert len(after) == len(rows) - len(dropped)
+    assert all(r["negatives"] for r in after)

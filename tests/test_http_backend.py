@@ -438,7 +438,8 @@ def test_the_generation_stage_runs_on_the_http_backend(cfg: LLMConfig) -> None:
 
 def test_the_cli_runs_every_llm_stage_over_http(cfg: LLMConfig, tmp_path: Any) -> None:
     """`tripletforge run` in its own process (own Ray and Prefect), as a user runs it against a
-    server: the key comes from the environment the run is started in, and is written nowhere."""
+    server: the key comes from the environment the run is started in, and is written nowhere.
+    No local LLM is looked for, the judge's included: the run's model cache is empty."""
     import yaml
 
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_rows(12))
@@ -460,20 +461,23 @@ def test_the_cli_runs_every_llm_stage_over_http(cfg: LLMConfig, tmp_path: Any) -
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_ADDRESS"))}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    env["TRIPLETFORGE_CACHE"] = str(tmp_path / "empty-model-cache")  # SmolLM2 is not prepared here
     cli = os.path.join(os.path.dirname(sys.executable), "tripletforge")
     done = subprocess.run(
         [cli, "run", "--config", str(config)], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (tmp_path / "empty-model-cache" / "models").exists()
     key = os.environ[KEY_ENV]
     assert key not in done.stdout + done.stderr
     run_dir = next((tmp_path / "runs").glob("http-*"))
     text = (run_dir / "manifest.json").read_text()
     assert key not in text
     doc = json.loads(text)
-    assert doc["models"]["llm"] == {"name": MODEL, "backend": "openai"}
+    assert doc["models"]["llm"] == {"name": MODEL, "backend": "openai", "used": True}
     assert doc["stages"]["generate"]["rows_in"] == 4
-    assert doc["stages"]["generate_passages"]["rows_in"] == doc["stages"]["generate"]["rows_out"]
+    kept = doc["stages"]["generate"]["rows_out"] - doc["stages"]["query_dedup"]["deduplicated"]
+    assert doc["stages"]["generate_passages"]["rows_in"] == kept
     assert doc["stages"]["mine"]["extra"]["judge"]["judged"] > 0
     written = pq.read_table(run_dir / "generated").to_pylist()
     assert {w["backend"] for w in written} <= {"openai"}

@@ -128,12 +128,11 @@ def test_parquet_non_string_text_column_is_rejected_row_by_row(tmp_path):
     assert reasons(result) == ["text_not_string", "text_not_string"]
 
 
-def test_unreadable_file_becomes_one_reject(tmp_path):
+def test_unreadable_file_is_a_clear_error_naming_it(tmp_path):
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"PAR1 this is not parquet")
-    result = ingest_file(path, cfg())
-    assert reasons(result) == ["unreadable_file"]
-    assert result.rows_in == 1 and result.passages.num_rows == 0
+    with pytest.raises(IngestError, match=r"broken.parquet: not a readable Parquet file"):
+        ingest_file(path, cfg())
 
 
 def test_missing_file_and_pattern_errors(tmp_path):

@@ -231,6 +231,40 @@ def test_rerun_resumes_from_the_cache_and_reproduces_the_triplets(first_run):
     assert checksums("triplets") == before
 
 
+def test_a_mining_change_reuses_generation_and_embeddings_from_the_cache(first_run):
+    """A new run (another run id) over the same inputs: only mining and assembly are redone; with
+    the judge off as well, not one LLM call and no model loaded."""
+    cfg, run_dir, _ = first_run
+    changed = cfg.model_copy(
+        update={
+            "mining": cfg.mining.model_copy(update={"num_negatives": 2}),
+            "judge": cfg.judge.model_copy(update={"enabled": False}),
+        }
+    )
+    assert changed.run_id != cfg.run_id
+    new_dir, doc = run_pipeline(changed)
+    assert new_dir != run_dir
+    reused = ("ingest", "dedup", "embed_passages", "generate", "embed_queries", "query_dedup")
+    for stage in (*reused, "generate_passages", "embed_generated"):
+        assert doc["stages"][stage]["skipped_shards"] == len(doc["jobs"][stage]), stage
+    assert doc["stages"]["mine"]["skipped_shards"] == 0
+    assert doc["model_calls"] == {}  # 0 LLM calls, 0 embedder calls
+    assert doc["models"]["llm"]["used"] is False  # no job needed it: it was not asked for
+
+
+def test_a_second_complete_run_makes_byte_identical_shards(first_run, tmp_path):
+    """The same config from scratch into another output root (an empty cache): the LLM's
+    queries, written passages and verdicts, and so the triplets, are the same bytes."""
+    cfg, run_dir, _ = first_run
+    other, _ = run_pipeline(cfg, str(tmp_path / "again"))
+
+    def checksums(root, folder):
+        return {p.name: sha256_file(p) for p in sorted((root / folder).glob("*.parquet"))}
+
+    for folder in ("queries", "generated", "candidates", "triplets"):
+        assert checksums(other, folder) == checksums(run_dir, folder) != {}, folder
+
+
 def test_report_has_plots_and_the_stage_table(first_run):
     from tasks.report import build_report
 
