@@ -20,7 +20,7 @@ from prefect_ray import RayTaskRunner
 
 from flows import runtime
 from flows.executor import Executor
-from flows.manifest import finish_run
+from flows.manifest import finish_run, publish_artifacts
 from flows.preflight import preflight
 from flows.ray_executor import RayDispatch
 from flows.workers import RayModels
@@ -70,9 +70,12 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     get_run_logger().info("run %s -> %s", cfg.run_id, run_dir)
     models = RayModels(cfg)
-    executor = Executor(cfg, run_dir, models, RayDispatch(), cfg.output.cache_dir)
+    executor = Executor(
+        cfg, run_dir, models, RayDispatch(cfg.runtime.cpus_per_task), cfg.output.cache_dir
+    )
     executor.run(stages_for(cfg), overlap=overlaps(cfg, models))
     doc = finish_run(executor, started)
+    publish_artifacts(doc, run_dir)
     get_run_logger().info("run %s complete in %.1f s", cfg.run_id, time.time() - started)
     return doc
 
@@ -86,7 +89,14 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None) -> tuple[Pa
     preflight(cfg, output_dir)  # a user error ends here, in seconds, before Ray or Prefect
     run_dir = Path(output_dir or cfg.output.dir) / cfg.run_id
     kwargs = runtime.ray_init_kwargs(cfg)
-    address = kwargs.pop("address", None)
+    address = kwargs.pop("address")
+    if address != "local":  # a cluster: join it, check every node sees the output and models
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, **kwargs)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        runtime.check_cluster(cfg, str(run_dir.resolve()))
     runner = RayTaskRunner(address=address, init_kwargs=kwargs)
     with runtime.prefect_api():
         result = build_dataset.with_options(task_runner=runner)(cfg, str(run_dir.resolve()))
@@ -101,10 +111,13 @@ def build_from_config(config_path: str, overrides: list[str] | None = None) -> d
     set them; the real work runs in the `build_dataset` subflow on Ray.
     """
     from schemas.config import load_config
+    from tasks.report import build_report
 
     cfg = load_config(config_path, overrides or [])
     run_dir, doc = run_pipeline(cfg)
-    get_run_logger().info("wrote %s", run_dir)
+    report = build_report(run_dir)
+    publish_artifacts(doc, str(run_dir.resolve()))
+    get_run_logger().info("wrote %s (report %s)", run_dir, report)
     return {"run_dir": str(run_dir), "run_id": doc["run_id"], "stages": doc["stages"]}
 
 

@@ -77,7 +77,7 @@ class JobContext:
     def __init__(self, spec: JobSpec, folder: Path):
         self.spec, self.folder = spec, folder
         self.cfg, self.index, self.count = spec.cfg, spec.index, spec.count
-        self.models = JobModels(spec.models)
+        self.models = JobModels(spec.models, spec.index)
         self.outputs: dict[str, list[CachedFile]] = {}
         self.files: dict[str, CachedFile] = {}
         self.reasons: dict[str, int] = {}  # of every rejects table written

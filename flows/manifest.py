@@ -79,6 +79,7 @@ def build_manifest(
                 "index": e.index,
                 "fingerprint": e.fingerprint,
                 "reused": reused,
+                "rows_in": e.rows_in,
                 "node": e.node,
                 "seconds": round(e.seconds, 3),
             }
@@ -155,3 +156,23 @@ def finish_run(executor: Executor, started: float) -> dict[str, Any]:
     if bad:
         raise RuntimeError(f"row accounting does not balance for stages {bad}: see manifest.json")
     return doc.model_dump(mode="json")
+
+
+def publish_artifacts(doc: dict[str, Any], run_dir: str) -> None:
+    """The per-stage counts and where the run's output (and report) is, in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = [
+        {"stage": name, **{k: c[k] for k in ("rows_in", "rows_out", "rejected", "deduplicated")}}
+        | {"seconds": c["seconds"], "resumed_shards": c["skipped_shards"]}
+        for name, c in doc["stages"].items()
+    ]
+    create_table_artifact(rows, key="stage-counts", description=f"run {doc['run_id']}")
+    report = Path(run_dir) / "report" / "report.html"
+    create_markdown_artifact(
+        f"**run** `{doc['run_id']}`\n\n- output: `{run_dir}`\n- manifest: "
+        f"`{run_dir}/manifest.json`\n- report: `{report}`"
+        + ("" if report.exists() else " (`tripletforge report` writes it)"),
+        key="run-output",
+        description="where the triplets, exports, manifest and report are",
+    )

@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 MODEL_NAMES = ("llm", "embedder", "rescorer")
 
 
-class ResourceError(RuntimeError):
-    """The config asks for hardware the cluster does not have."""
-
-
 # --- identity -----------------------------------------------------------------------------------
 
 
@@ -72,6 +68,8 @@ def requested_device(cfg: PipelineConfig, name: str) -> str:
 def resolve_device(requested: str, gpus: float) -> str:
     """'cuda' only if there is a GPU: asking Ray for a missing GPU hangs forever."""
     if requested == "cuda" and gpus < 1:
+        from flows.placement import ResourceError
+
         raise ResourceError(
             "device 'cuda' was requested but no GPU is available (set llm.device / "
             "embedding.device to auto or cpu)"
@@ -112,7 +110,7 @@ class LocalHandle:
 
     obj: Any
 
-    def client(self) -> Any:
+    def client(self, index: int = 0) -> Any:
         return self.obj
 
 
@@ -122,7 +120,7 @@ class HTTPLLMHandle:
 
     llm_cfg: Any
 
-    def client(self) -> Any:
+    def client(self, index: int = 0) -> Any:
         from tasks.llm.openai_http import OpenAIEngine
 
         return OpenAIEngine(self.llm_cfg, check=False)
@@ -133,17 +131,19 @@ class JobModels:
     """`job.models` inside a job: clients built from handles on first use, calls counted."""
 
     handles: dict[str, Any]
+    index: int = 0  # the job's shard: which of several engines it talks to
     calls: dict[str, dict[str, int]] = field(default_factory=dict)
     _clients: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("handles", "calls"):
+        if name.startswith("_") or name in ("handles", "calls", "index"):
             raise AttributeError(name)
         if name not in self.handles:
             raise AttributeError(f"this stage did not declare the model {name!r}")
         if name not in self._clients:
             counter = self.calls.setdefault(name, {})
-            self._clients[name] = Counted(self.handles[name].client(), METHODS[name], counter)
+            client = self.handles[name].client(self.index)
+            self._clients[name] = Counted(client, METHODS[name], counter)
         return self._clients[name]
 
     def close(self) -> None:

@@ -55,16 +55,26 @@ class Lanes:
 
 class RayDispatch:
     def width(self, stage: Stage, cfg: PipelineConfig, host: ModelHost) -> int:
-        """Jobs that wait on a model actor go two at a time; others as wide as the cluster."""
-        actors = [n for n in stage.models(cfg) if isinstance(host.started.get(n), ActorHandle)]
-        return MODEL_LANES if actors else runtime.cluster_cpus()
+        """Jobs that wait on model actors go two per actor; others as wide as the cluster."""
+        actors = [h for n in stage.models(cfg) if isinstance(h := host.started.get(n), ActorHandle)]
+        if actors:
+            return MODEL_LANES * min(len(h.names) for h in actors)
+        return max(1, int(runtime.cluster_cpus() // cfg.runtime.cpus_per_task))
+
+    def __init__(self, cpus_per_task: float = 1.0):
+        self.cpus_per_task = cpus_per_task
 
     def submit(self, specs: list[JobSpec], width: int) -> list[tuple[JobSpec, Any]]:
+        from prefect_ray.context import remote_options
+
         lanes = Lanes(width)
-        return [
-            (spec, lanes.submit(run_job.with_options(task_run_name=spec.label), spec))
-            for spec in specs
-        ]
+        out = []
+        with remote_options(num_cpus=self.cpus_per_task):
+            for spec in specs:
+                out.append(
+                    (spec, lanes.submit(run_job.with_options(task_run_name=spec.label), spec))
+                )
+        return out
 
     def collect(
         self, pending: list[tuple[JobSpec, Any]], stage: str, timeout_s: float

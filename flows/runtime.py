@@ -48,6 +48,9 @@ def ray_init_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
         kwargs["address"] = address
     else:
         kwargs.update(
+            # a new local Ray, even when a `ray start` cluster left its address behind
+            # (/tmp/ray/ray_current_cluster), which a bare ray.init() would join
+            address="local",
             num_cpus=cpus,
             include_dashboard=False,
             object_store_memory=cfg.runtime.object_store_mb * 1024 * 1024,
@@ -77,3 +80,57 @@ def prefect_api() -> Iterator[str | None]:
     server.start(timeout=120)
     with temporary_settings({PREFECT_API_URL: server.api_url}):
         yield server.api_url
+
+
+def check_cluster(cfg: PipelineConfig, output_dir: str) -> int:
+    """On a Ray cluster (Ray initialised here): every alive node must see the output folder (a
+    file with a random token the driver writes there) and have the models the run loads, or
+    the run fails now, naming the node. Returns the number of nodes checked."""
+    import secrets
+    from pathlib import Path
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from flows.preflight import OutputError, llm_needed
+    from tasks.models import ModelNotAvailable
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    token = secrets.token_hex(8)
+    marker = Path(output_dir) / f".tripletforge-shared-{token}"
+    marker.write_text(token)
+    wants_llm = llm_needed(cfg) and cfg.llm.backend == "vllm"
+
+    def probe(path: str, token: str) -> dict[str, Any]:
+        from tasks.models import resolve_embedding_path, resolve_llm_path
+
+        seen = Path(path).read_text() if Path(path).exists() else None
+        problems = []
+        try:
+            resolve_embedding_path(cfg.embedding.model_path)
+            if wants_llm:
+                resolve_llm_path(cfg.llm.model_path)
+        except ModelNotAvailable as e:
+            problems.append(str(e))
+        return {"shared": seen == token, "models": problems}
+
+    remote = ray.remote(num_cpus=0)(probe)
+    try:
+        refs = {
+            n["NodeManagerAddress"] + " " + n["NodeID"][:8]: remote.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker), token)
+            for n in nodes
+        }
+        results = {node: ray.get(ref, timeout=120) for node, ref in refs.items()}
+    finally:
+        marker.unlink(missing_ok=True)
+    for node, result in results.items():
+        if not result["shared"]:
+            raise OutputError(
+                f"the output folder {output_dir} is not visible from Ray node {node}: every node "
+                "must reach the output path (a shared file system, e.g. NFS), or set --output to "
+                "one that is"
+            )
+        if result["models"]:
+            raise ModelNotAvailable(f"on Ray node {node}: {result['models'][0]}")
+    return len(results)

@@ -23,25 +23,26 @@ import ray
 
 from flows import runtime
 from flows.models import METHODS, HTTPLLMHandle, ModelHost, _load
+from flows.placement import Placement, plan_placement
 from schemas.config import PipelineConfig
 from tasks.llm.engine import engine_env
 from tasks.models import cache_dir
 
 log = logging.getLogger(__name__)
-EMBED_GPU_SHARE = 0.1
 
 
 @dataclass
 class ActorHandle:
-    """A named Ray actor holding a model (see flows/workers.py)."""
+    """Named Ray actors holding one model (several for LLM engines): a job talks to engine
+    `job index % len(names)`, so the shards of a stage spread over the engines."""
 
-    name: str
+    names: tuple[str, ...]
     kind: str
     timeout_s: float
     model_name: str = ""
 
-    def client(self) -> Any:
-        return actor_client(self)
+    def client(self, index: int = 0) -> Any:
+        return actor_client(self, index)
 
 
 class ModelWorker:
@@ -72,8 +73,9 @@ class ModelWorker:
 class _ActorClient:
     """Forwards one method to the actor and waits (bounded) for the answer."""
 
-    def __init__(self, handle: ActorHandle, method: str):
-        self.actor = ray.get_actor(handle.name, namespace=runtime.NAMESPACE)
+    def __init__(self, handle: ActorHandle, method: str, index: int):
+        name = handle.names[index % len(handle.names)]
+        self.actor = ray.get_actor(name, namespace=runtime.NAMESPACE)
         self.method, self.timeout_s = method, handle.timeout_s
         self.model_name = handle.model_name
         self.backend = "vllm"
@@ -89,8 +91,8 @@ class _ActorClient:
         return call
 
 
-def actor_client(handle: ActorHandle) -> Any:
-    return _ActorClient(handle, METHODS[handle.kind])
+def actor_client(handle: ActorHandle, index: int = 0) -> Any:
+    return _ActorClient(handle, METHODS[handle.kind], index)
 
 
 def _actor_name(kind: str, settings: dict[str, Any]) -> str:
@@ -99,23 +101,46 @@ def _actor_name(kind: str, settings: dict[str, Any]) -> str:
 
 
 class RayModels(ModelHost):
-    """Models in named Ray actors (see the module docstring)."""
+    """Models in named Ray actors, placed by `flows.placement.plan_placement` (see the module
+    docstring). `worker_class` is what each actor runs (tests put a probe there)."""
+
+    worker_class: Any = None
 
     def __init__(self, cfg: PipelineConfig):
         super().__init__(cfg)
-        self.created: dict[str, Any] = {}  # name -> actor this host started
+        self.created: dict[str, list[Any]] = {}  # name -> actors this host started
+        self._placement: Placement | None = None
 
     def gpus(self) -> float:
         return float(ray.cluster_resources().get("GPU", 0))
 
-    def _options(self, name: str, device: str) -> tuple[dict[str, Any], int]:
+    def placement(self) -> Placement:
+        if self._placement is None:
+            small = 1 + (1 if self.cfg.mining.rescore_model_path else 0)
+            self._placement = plan_placement(self.cfg, int(self.gpus()), small)
+        return self._placement
+
+    def device(self, name: str) -> str:
+        device = super().device(name)
+        if name != "llm" and device == "cuda" and self.placement().small_model_gpus == 0:
+            return "cpu"  # every GPU holds the LLM (see flows/placement.py)
+        return device
+
+    def _options(self, name: str, device: str, num_gpus: float) -> tuple[dict[str, Any], int]:
         cpus = runtime.cluster_cpus()
         env = {"OMP_NUM_THREADS": str(cpus), "HF_HUB_OFFLINE": "1"}
         if name == "llm":
             env.update(engine_env(self.cfg.llm, str(cache_dir()), cpus if device == "cpu" else 0))
-        options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
-        if device == "cuda":
-            options["num_gpus"] = 1 - EMBED_GPU_SHARE if name == "llm" else EMBED_GPU_SHARE
+        restarts = self.cfg.runtime.model_restarts
+        options: dict[str, Any] = {
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": env},
+            # a worker that dies is started again (the model reloaded) and its call retried
+            "max_restarts": restarts,
+            "max_task_retries": restarts,
+        }
+        if device == "cuda" and num_gpus:
+            options["num_gpus"] = num_gpus
         return options, cpus if device == "cpu" else 0
 
     def _start(self, name: str) -> Any:
@@ -125,39 +150,44 @@ class RayModels(ModelHost):
             OpenAIEngine(self.cfg.llm, check=True).close()  # fail early, with the server's words
             return HTTPLLMHandle(self.cfg.llm)
         device = self.device(name)
-        actor_name = _actor_name(
+        plan = self.placement()
+        if name == "llm":
+            shares = [slot.num_gpus for slot in plan.engines]
+        else:
+            shares = [plan.small_model_gpus]
+        base = _actor_name(
             name, {"identity": self.identity(name), "seed": self.cfg.generation.seed}
         )
-        handle = ActorHandle(
-            actor_name,
-            name,
-            self.cfg.runtime.task_timeout_s,
-            self.cfg.llm.model_name if name == "llm" else "",
-        )
-        with contextlib.suppress(ValueError):
-            ray.get_actor(actor_name, namespace=runtime.NAMESPACE)
-            return handle  # already running (another run or test in this Ray session)
-        options, threads = self._options(name, device)
-        actor = (
-            ray.remote(ModelWorker)
-            .options(
-                name=actor_name,
-                namespace=runtime.NAMESPACE,
-                get_if_exists=True,
-                max_concurrency=1,
-                **options,
+        names = tuple(base if len(shares) == 1 else f"{base}-{i}" for i in range(len(shares)))
+        model_name = self.cfg.llm.model_name if name == "llm" else ""
+        handle = ActorHandle(names, name, self.cfg.runtime.task_timeout_s, model_name)
+        pending = []
+        for actor_name, share in zip(names, shares, strict=True):
+            with contextlib.suppress(ValueError):
+                ray.get_actor(actor_name, namespace=runtime.NAMESPACE)
+                continue  # already running (another run or test in this Ray session)
+            options, threads = self._options(name, device, share)
+            actor = (
+                ray.remote(self.worker_class or ModelWorker)
+                .options(
+                    name=actor_name,
+                    namespace=runtime.NAMESPACE,
+                    get_if_exists=True,
+                    max_concurrency=1,
+                    **options,
+                )
+                .remote(self.cfg, name, device, threads)
             )
-            .remote(self.cfg, name, device, threads)
-        )
-        # surface load errors here, not mid-stage
-        info = ray.get(actor.info.remote(), timeout=self.cfg.runtime.task_timeout_s)
-        self.load_seconds[name] = info["load_seconds"]
-        self.created[name] = actor
+            pending.append(actor)
+        # surface load errors here, not mid-stage; engines load side by side
+        infos = ray.get([a.info.remote() for a in pending], timeout=self.cfg.runtime.task_timeout_s)
+        if infos:
+            self.load_seconds[name] = max(i["load_seconds"] for i in infos)
+        self.created.setdefault(name, []).extend(pending)
         return handle
 
     def _stop(self, name: str, handle: Any) -> None:
-        actor = self.created.pop(name, None)
-        if actor is not None:
+        for actor in self.created.pop(name, []):
             shutdown_actor(actor, name)
 
 

@@ -139,6 +139,7 @@ class LLMConfig(_Section):
     enforce_eager: bool = True
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per engine (CUDA).")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -441,6 +442,19 @@ class RuntimeConfig(_Section):
     task_timeout_s: float = Field(default=3600, gt=0)
     worker_logs: bool = Field(
         default=False, description="Stream Ray worker logs (vLLM, model loading) to the console."
+    )
+    llm_engines_per_gpu: int = Field(
+        default=1, ge=1, description="CUDA, tensor_parallel_size 1: engines sharing one GPU."
+    )
+    llm_engines: int | None = Field(
+        default=None, ge=1, description="At most this many LLM engines (default: all that fit)."
+    )
+    cpus_per_task: float = Field(default=1.0, gt=0, description="Ray CPUs each stage job asks for.")
+    model_restarts: int = Field(
+        default=2,
+        ge=0,
+        description="A model worker that dies is restarted this many times (its call retried) "
+        "before the run fails naming the stage and shard.",
     )
 
 

@@ -27,8 +27,7 @@ def ray_session():
     from schemas.config import PipelineConfig
 
     cfg = PipelineConfig.model_validate({"input": {"paths": [str(SAMPLE)]}})
-    kwargs = ray_init_kwargs(cfg)
-    kwargs.pop("address", None)
+    kwargs = ray_init_kwargs(cfg)  # address "local": never a cluster another test left behind
     kwargs["num_cpus"] = 2
     ray.init(**kwargs)
     yield

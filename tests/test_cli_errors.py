@@ -103,3 +103,27 @@ def test_a_full_output_folder_is_refused(tmp_path):
     with pytest.raises(OutputError, match=rf"has {free_mb // 10}\d* MB free"):
         check_output(tmp_path, min_free_mb=free_mb + 1024)
     check_output(tmp_path)  # the real threshold passes here
+
+
+def test_a_really_full_file_system_fails_before_any_model_loads(tmp_path):
+    """A tmpfs of 8 MB, filled to the last byte, mounted (in the run's own mount namespace)
+    where the output goes: the run ends in seconds with the free space named."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", sample_rows(3))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(base(tmp_path, corpus, output={"dir": str(disk / "runs")})))
+    cli = os.path.join(os.path.dirname(sys.executable), "tripletforge")
+    script = (
+        f"mount -t tmpfs -o size=8m tmpfs {disk} && "
+        f"(dd if=/dev/zero of={disk}/fill bs=1M count=16 2>/dev/null; true) && "
+        f"exec {cli} run --config {config}"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    start = time.perf_counter()
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert_clear(done, time.perf_counter() - start, str(disk / "runs"), "has 0 MB free")

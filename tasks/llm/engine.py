@@ -84,6 +84,7 @@ class VLLMEngine:
             kwargs["max_num_batched_tokens"] = max(self.llm_cfg.max_model_len, 4096)
         else:
             kwargs["gpu_memory_utilization"] = self.llm_cfg.gpu_memory_utilization
+            kwargs["tensor_parallel_size"] = self.llm_cfg.tensor_parallel_size
         start = time.perf_counter()
         self._llm = LLM(**kwargs)
         self.load_seconds = time.perf_counter() - start
