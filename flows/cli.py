@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import os
 import re
+import shlex
+import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,19 +46,40 @@ def _quiet_env() -> None:
 
 
 class _StatusHandler(logging.Handler):
-    """Shows the flow's progress messages in the live status line and keeps a log of them."""
+    """Shows the flow's progress messages in the live status line (shards done / total, rows
+    per second, ETA) and keeps a line per stage message and per finished stage."""
 
     def __init__(self, status: Any, start: float):
         super().__init__(logging.INFO)
         self.status, self.start = status, start
 
     def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        line = f"[{time.perf_counter() - self.start:6.1f} s] {text}"
+        line = f"[{time.perf_counter() - self.start:6.1f} s] {record.getMessage()}"
         self.status.update(line)
-        shards = re.search(r"(\d+)/(\d+) shards$", text)
-        if shards is None or shards[1] == shards[2]:  # a stage message, or a stage's last shard
-            console.print(line)
+        event = getattr(record, "event", None)
+        if event is None or event["shards_done"] == event["shards_total"]:
+            console.print(line, highlight=False, markup=False)
+
+
+class JsonLogHandler(logging.Handler):
+    """`--log-format json`: one JSON object per log record on stderr, for schedulers and log
+    collectors; progress records carry their numbers (stage, shards_done, shards_total, rows,
+    rows_per_s, elapsed_s, eta_s)."""
+
+    def __init__(self, level: int = logging.INFO):
+        super().__init__(level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "event": "log",
+        }
+        doc.update(getattr(record, "event", None) or {})
+        sys.stderr.write(json.dumps(doc, default=str) + "\n")
+        sys.stderr.flush()
 
 
 def _stage_table(doc: dict) -> Table:
@@ -96,10 +121,12 @@ def print_summary(run_dir: Path, doc: dict) -> None:
     emb = doc.get("models", {}).get("embedder") or {}
     embedded = [s for name, s in stages.items() if name.startswith("embed_")]
     if emb:
+        hits = sum(s["extra"].get("cache_hits", 0) for s in embedded)
         console.print(
             f"embedding: {emb['name']} ({emb['device']}, {emb.get('precision') or 'float32'}), "
             f"{sum(s['rows_in'] for s in embedded)} texts in "
             f"{sum(s['seconds'] for s in embedded):.1f} s"
+            + (f" ({hits} from the embedding cache)" if hits else "")
         )
     dedup = stages["dedup"]["extra"]
     console.print(
@@ -134,14 +161,44 @@ def print_summary(run_dir: Path, doc: dict) -> None:
     console.print(f"total {doc['timings']['total']:.1f} s")
     console.print(f"\n[bold]output:[/bold] {run_dir}")
     console.print(f"  manifest: {run_dir / 'manifest.json'}")
-    console.print("[bold]query it:[/bold]")
-    console.print(
-        f'  tripletforge query {run_dir} "SELECT split, count(*) AS n, '
-        f'avg(len(negatives)) AS negs FROM triplets GROUP BY split"'
-    )
-    console.print(
-        f"  duckdb -c \"SELECT query, positive FROM '{run_dir}/triplets/*.parquet' LIMIT 5\""
-    )
+    for line in next_commands(run_dir):
+        console.print(line, highlight=False, markup=line.startswith("[bold]"), soft_wrap=True)
+
+
+def command(name: str) -> str:
+    """How to call one of this environment's commands so it works as printed: the bare name
+    when it is this environment's on PATH (an activated venv), else its absolute path."""
+    mine = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    if not mine.exists() or (found and Path(found).resolve() == mine.resolve()):
+        return name
+    return str(mine)
+
+
+def next_commands(run_dir: Path) -> list[str]:
+    """What the summary suggests doing next; each line works pasted into a shell as printed
+    (tests/test_commands.py runs every one)."""
+    tf, duckdb = shlex.quote(command("tripletforge")), shlex.quote(command("duckdb"))
+    where = shlex.quote(str(run_dir))
+    sql = f"SELECT query, positive FROM '{run_dir}/triplets/*.parquet' LIMIT 5"
+    parquet = f'"{sql}"' if not re.search(r'[$"`\\]', sql) else shlex.quote(sql)
+    lines = ["[bold]query it:[/bold]"]
+    if tf != "tripletforge":
+        lines.append(f"  # or: source {shlex.quote(str(Path(sys.executable).parent / 'activate'))}")
+    lines += [
+        f'  {tf} query {where} "SELECT split, count(*) AS n, avg(len(negatives)) AS negs '
+        f'FROM triplets GROUP BY split"',
+        f'  {tf} query {where} "SELECT reason, count(*) AS n FROM candidates GROUP BY reason '
+        f'ORDER BY n DESC"',
+        f"  {duckdb} -c {parquet}",
+        f"  {tf} report {where}",
+    ]
+    return lines
+
+
+class LogFormat(enum.StrEnum):
+    rich = "rich"
+    json = "json"
 
 
 @app.command()
@@ -155,16 +212,30 @@ def run(
         bool, typer.Option("--report", help="Also write report/report.html with plots.")
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            help="rich: a live status line and a summary; json: one JSON object per line on "
+            "stderr (progress with ETA, warnings), the result as one JSON object on stdout.",
+        ),
+    ] = LogFormat.rich,
 ) -> None:
     """Build a triplet dataset: ingest, dedup, generate, embed, mine, assemble."""
     _quiet_env()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with user_errors(debug):
-        _run(config, output, set_ or [], with_report)
+    if log_format is LogFormat.json:
+        logging.basicConfig(level=logging.WARNING, handlers=[JsonLogHandler(logging.WARNING)])
+    else:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with user_errors(debug, log_format):
+        if log_format is LogFormat.json:
+            _run_json(config, output, set_ or [], with_report)
+        else:
+            _run(config, output, set_ or [], with_report)
 
 
 @contextlib.contextmanager
-def user_errors(debug: bool) -> Iterator[None]:
+def user_errors(debug: bool, log_format: Any = None) -> Iterator[None]:
     """A mistake in the input, the config or the set-up ends the command with one clear
     sentence and exit status 2, no traceback (`--debug` shows it)."""
     from pydantic import ValidationError
@@ -183,7 +254,12 @@ def user_errors(debug: bool) -> Iterator[None]:
             message = "invalid config: " + "; ".join(problems)
         else:
             message = str(e)
-        typer.echo(f"error: {message}", err=True)  # one line, never wrapped
+        if log_format is LogFormat.json:
+            typer.echo(
+                json.dumps({"event": "error", "level": "error", "message": message}), err=True
+            )
+        else:
+            typer.echo(f"error: {message}", err=True)  # one line, never wrapped
         raise typer.Exit(2) from None
 
 
@@ -210,6 +286,42 @@ def _run(config: Path, output: str | None, overrides: list[str], with_report: bo
         from tasks.report import build_report
 
         console.print(f"[bold]report:[/bold] {build_report(run_dir).resolve()}")
+
+
+def _run_json(config: Path, output: str | None, overrides: list[str], with_report: bool) -> None:
+    from flows.build import run_pipeline
+    from schemas.config import load_config
+
+    cfg = load_config(config, overrides)
+    import ray  # noqa: F401 - Ray installs its own log handler on import: replace it
+
+    logging.getLogger("ray").handlers = [JsonLogHandler(logging.INFO)]
+    progress = logging.getLogger("tripletforge.progress")
+    handler = JsonLogHandler()
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    try:
+        run_dir, doc = run_pipeline(cfg, output)
+    finally:
+        progress.removeHandler(handler)
+    result = {
+        "event": "run_done",
+        "run_id": doc["run_id"],
+        "run_dir": str(run_dir.resolve()),
+        "manifest": str((run_dir / "manifest.json").resolve()),
+        "seconds": round(doc["timings"]["total"], 1),
+        "stages": {
+            name: {k: c[k] for k in ("rows_in", "rows_out", "rejected", "deduplicated")}
+            | {"seconds": c["seconds"], "resumed_shards": c["skipped_shards"]}
+            for name, c in doc["stages"].items()
+        },
+    }
+    if with_report:
+        from tasks.report import build_report
+
+        result["report"] = str(build_report(run_dir).resolve())
+    typer.echo(json.dumps(result))
 
 
 @app.command("prepare-models")
@@ -248,7 +360,8 @@ def query(
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
-    """Write report/report.html with plots of score distributions, filters and rejects."""
+    """Write report/report.html: the funnel of rows per stage, duplicate clusters, query
+    lengths by style, score distributions, filters, rejects and a sample of triplets."""
     from tasks.report import build_report
 
     path = build_report(run_dir)

@@ -82,6 +82,12 @@ class JobContext:
         self.files: dict[str, CachedFile] = {}
         self.reasons: dict[str, int] = {}  # of every rejects table written
 
+    def model_identity(self, name: str) -> Any:
+        return self.spec.recipe["models"][name]
+
+    def shared_folder(self, name: str) -> Path:
+        return Path(self.spec.cache_root) / f".{name}"
+
     def has(self, dataset: str) -> bool:
         return dataset in self.spec.inputs
 
@@ -193,22 +199,72 @@ def execute(spec: JobSpec) -> Entry:
 # --- dispatch -----------------------------------------------------------------------------------
 
 
+class ShardProgress:
+    """Progress of one stage's jobs as they finish: shards done / total, rows per second and an
+    ETA, as a log line (`tripletforge.progress`) with the numbers in `record.event` (for
+    `--log-format json`)."""
+
+    def __init__(self, stage: str, total: int, started: float | None = None):
+        self.stage, self.total = stage, total
+        self.started = time.perf_counter() if started is None else started
+        self.done = self.rows = 0
+
+    def shard_done(self, entry: Entry) -> None:
+        self.done += 1
+        self.rows += entry.rows_in
+        elapsed = max(time.perf_counter() - self.started, 1e-6)
+        rate = self.rows / elapsed
+        eta = elapsed / self.done * (self.total - self.done)
+        event = {
+            "event": "shard_done",
+            "stage": self.stage,
+            "shards_done": self.done,
+            "shards_total": self.total,
+            "rows": self.rows,
+            "rows_per_s": round(rate, 1),
+            "elapsed_s": round(elapsed, 1),
+            "eta_s": round(eta, 1),
+        }
+        tail = f", ETA {_clock(eta)}" if self.done < self.total else f" in {_clock(elapsed)}"
+        progress.info(
+            "%s: %d/%d shards, %.0f rows/s%s",
+            self.stage,
+            self.done,
+            self.total,
+            rate,
+            tail,
+            extra={"event": event},
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return (
+        f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+        if minutes >= 60
+        else f"{minutes}:{secs:02d}"
+    )
+
+
 class LocalDispatch:
     """Jobs in this process, one after another."""
 
     def submit(self, specs: list[JobSpec], width: int) -> list[Any]:
         return specs
 
-    def collect(self, pending: list[Any], stage: str, timeout_s: float) -> list[Entry]:
+    def collect(
+        self, pending: list[Any], stage: str, timeout_s: float, started: float | None = None
+    ) -> list[Entry]:
         out = []
-        for i, spec in enumerate(pending):
+        shown = ShardProgress(stage, len(pending), started)
+        for spec in pending:
             try:
                 out.append(execute(spec))
             except (AccountingError, InputError):
                 raise
             except Exception as e:
                 raise StageError(f"stage {stage}, shard {spec.index}: {e}") from e
-            progress.info("%s: %d/%d shards", stage, i + 1, len(pending))
+            shown.shard_done(out[-1])
         return out
 
     def width(self, stage: Stage, cfg: PipelineConfig, host: ModelHost) -> int:
@@ -362,7 +418,9 @@ class Executor:
         pending.remove(p)
         entries = list(p.found)
         if p.handle is not None:
-            done = self.dispatch.collect(p.handle, p.stage.name, self.cfg.runtime.task_timeout_s)
+            done = self.dispatch.collect(
+                p.handle, p.stage.name, self.cfg.runtime.task_timeout_s, p.start
+            )
             by_index = {e.index: e for e in done}
             entries = [
                 e if e is not None else by_index[s.index]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.executor import Executor, StageRun
-from flows.view import build_view
+from flows.view import build_view, point_latest
 from schemas.config import PipelineConfig
 from schemas.manifest import Manifest, ShardInfo, StageCounts
 from tasks.io import write_bytes_atomic
@@ -155,6 +155,7 @@ def finish_run(executor: Executor, started: float) -> dict[str, Any]:
     bad = doc.unbalanced_stages()
     if bad:
         raise RuntimeError(f"row accounting does not balance for stages {bad}: see manifest.json")
+    point_latest(Path(run_dir))
     return doc.model_dump(mode="json")
 
 

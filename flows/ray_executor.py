@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import runtime
 from flows.cache import Entry
-from flows.executor import AccountingError, JobSpec, StageError, execute, progress
+from flows.executor import AccountingError, JobSpec, ShardProgress, StageError, execute
 from flows.models import ModelHost
 from flows.workers import ActorHandle
 from schemas.config import PipelineConfig
@@ -77,17 +77,22 @@ class RayDispatch:
         return out
 
     def collect(
-        self, pending: list[tuple[JobSpec, Any]], stage: str, timeout_s: float
+        self,
+        pending: list[tuple[JobSpec, Any]],
+        stage: str,
+        timeout_s: float,
+        started: float | None = None,
     ) -> list[Entry]:
         """Every result, in order; a failed job fails the run naming its stage and shard
         (Prefect does not fail a flow for a failed mapped task by itself)."""
         out = []
-        for i, (spec, future) in enumerate(pending):
+        shown = ShardProgress(stage, len(pending), started)
+        for spec, future in pending:
             try:
                 out.append(future.result(timeout=timeout_s))
             except (AccountingError, InputError):
                 raise
             except Exception as e:
                 raise StageError(f"stage {stage}, shard {spec.index}: {e}") from e
-            progress.info("%s: %d/%d shards", stage, i + 1, len(pending))
+            shown.shard_done(out[-1])
         return out

@@ -88,3 +88,18 @@ def build_view(run_dir: Path, runs: list[StageRun]) -> tuple[dict[str, list[Shar
                 with contextlib.suppress(OSError):
                     sub.rmdir()  # only empty folders go
     return shards, removed
+
+
+def point_latest(run_dir: Path) -> Path:
+    """`<output root>/latest`, a relative symlink to the run folder just finished, so the
+    commands in the README (`tripletforge query runs/latest ...`) work as printed. Replaced
+    atomically; a real folder of that name is left alone."""
+    link = run_dir.parent / "latest"
+    if link.exists() and not link.is_symlink():
+        return link
+    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, link)
+    return link

@@ -426,8 +426,10 @@ class OutputConfig(_Section):
         "passage with its grade). Default: the level below 'partially answers' (the third "
         "level from the top of grading.levels).",
     )
-    exports: list[Literal["sentence_transformers", "flagembedding", "listwise"]] = Field(
-        default_factory=lambda: ["sentence_transformers", "flagembedding", "listwise"]
+    exports: list[Literal["sentence_transformers", "flagembedding", "listwise", "beir"]] = Field(
+        default_factory=lambda: ["sentence_transformers", "flagembedding", "listwise", "beir"],
+        description="Written under exports/: sentence_transformers, flagembedding and listwise "
+        "to train, beir (corpus, queries, graded qrels per split) to evaluate.",
     )
 
 

@@ -229,7 +229,7 @@ class AssembleStage(Stage):
     """The triplets of every query mining kept, split, with the leakage report and exports."""
 
     name = "assemble"
-    version = "3"
+    version = "4"  # 4: beir export; no FlagEmbedding line without a negative
     whole = ("queries", "candidates", "passages", "clusters", "generated")
     optional = frozenset({"generated"})
     outputs = ("triplets", "rejects")
@@ -339,8 +339,28 @@ def write_exports(job: Job, triplets: pa.Table) -> dict[str, Any]:
             data = ("\n".join(lines) + "\n").encode("utf-8")
             job.write_file(f"exports/flagembedding/{split}.jsonl", data)
             counts[split] = len(lines)
-        out["flagembedding"] = {"rows": counts}
+        out["flagembedding"] = {
+            "rows": counts,
+            "skipped_no_negatives": triplets.num_rows - sum(counts.values()),
+        }
     if "listwise" in cfg.output.exports:
         listwise = exports.to_listwise(triplets, cfg.grading.top)
         out["listwise"] = {"rows": by_split(listwise, "listwise")}
+    if "beir" in cfg.output.exports:
+        ids = ids_in("passage_id", exports.corpus_ids(triplets))
+        titles = job.read("passages", columns=["passage_id", "title"], where=ids)
+        beir = exports.to_beir(triplets, cfg.grading.top, titles)
+        for relpath, data in exports.beir_files(beir).items():
+            job.write_file(f"exports/beir/{relpath}", data)
+        per_split = (
+            pl.from_arrow(beir.qrels)
+            .group_by("split")
+            .agg(pl.col("query-id").n_unique().alias("queries"), pl.len().alias("qrels"))
+        )
+        splits = {row["split"]: row for row in per_split.to_dicts()}
+        out["beir"] = {  # rows: BEIR queries per split
+            "rows": {s: splits[s]["queries"] for s in ("train", "eval") if s in splits},
+            "qrels": {s: splits[s]["qrels"] for s in ("train", "eval") if s in splits},
+            "corpus": beir.corpus.num_rows,
+        }
     return out

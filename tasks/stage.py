@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import pyarrow as pa
@@ -100,6 +101,15 @@ class Job(Protocol):
 
     def write_file(self, relpath: str, data: bytes) -> None:
         """A file beside the tables (exports), at `relpath` under the run folder."""
+        ...
+
+    def model_identity(self, name: str) -> Any:
+        """What the fingerprint knows of model `name` (weights, settings, device)."""
+        ...
+
+    def shared_folder(self, name: str) -> Path:
+        """A folder shared by every run and job over the same stage cache (e.g. the embedding
+        cache); what goes there must be safe to write from many jobs at once."""
         ...
 
 

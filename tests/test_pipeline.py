@@ -1,6 +1,7 @@
 """The whole flow with the real components: vLLM (SmolLM2), MiniLM, Ray, Prefect, DuckDB."""
 
 import json
+import re
 
 import duckdb
 import polars as pl
@@ -276,7 +277,12 @@ def test_report_has_plots_and_the_stage_table(first_run):
         assert f"<td>{stage}</td>" in page
     pngs = sorted(p.name for p in (run_dir / "report").glob("*.png"))
     assert {"scores.png", "candidate_reasons.png", "rejects.png"} <= set(pngs)
+    assert {"funnel.png", "cluster_sizes.png", "query_length.png"} <= set(pngs)
     assert all((run_dir / "report" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert page.count("<figure id=") == len(pngs) == page.count(' alt="')
+    assert "by style. question: " in page  # generate mode: the configured style
+    origins = set(re.findall(r'<td class="num">\d+</td><td>(\w+)</td>', page))
+    assert origins and origins <= {"mined", "generated"}, origins
 
 
 def test_cli_run_shows_progress_and_the_summary(first_run, tmp_path):
