@@ -323,13 +323,26 @@ class MiningConfig(_Section):
     4. `num_negatives` survivors are kept: the hardest (`top`) or a seeded random draw.
     """
 
-    num_negatives: int = Field(default=4, ge=1)
+    num_negatives: int = Field(
+        default=3,
+        ge=1,
+        description="Negatives kept per query. 3 (sentence-transformers' default) trained "
+        "better than 4 on the quality benchmark (benchmarks/RESULTS.md).",
+    )
     min_negatives: int = Field(
         default=1, ge=1, description="A query with fewer surviving negatives is rejected."
     )
     min_rank: int = Field(default=0, ge=0)
     max_rank: int = Field(default=50, ge=1)
-    max_positive_ratio: float | None = Field(default=0.95, gt=0)
+    max_positive_ratio: float | None = Field(
+        default=1.1,
+        gt=0,
+        description="Keep a candidate only if score < ratio x the positive's score. "
+        "NV-Retriever's 0.95 removes hard true negatives with the false ones: on the quality "
+        "benchmark 1.1 (only candidates scoring clearly above the positive go; copies of the "
+        "positive are removed by the duplicate rules whatever their score) trained best "
+        "(benchmarks/RESULTS.md). null: no ratio rule.",
+    )
     margin: float | None = None
     max_score: float | None = None
     sampling_strategy: Literal["top", "random", "simans"] = Field(
