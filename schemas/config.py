@@ -290,6 +290,12 @@ class EmbeddingConfig(_Section):
 
     model_path: str | None = None
     model_name: str = "all-MiniLM-L6-v2"
+    cache: bool = Field(
+        default=True,
+        description="Reuse vectors of texts embedded before by the same model and settings, in "
+        "any run or stage over the same stage cache (<cache>/.embeddings); duplicates within "
+        "a shard are embedded once. Counted per stage as cache_hits / embedded.",
+    )
     # 32 is sentence-transformers' own default; on a 2-core CPU it embedded 10-20% faster than 64.
     batch_size: int = Field(default=32, ge=1)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(

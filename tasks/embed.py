@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.config import PipelineConfig
+from tasks.embed_cache import EmbeddingCache, encode_cached, model_key
 from tasks.embedder import embeddings_table
 from tasks.stage import Job, Outcome, Stage
 
@@ -50,13 +51,17 @@ class EmbedStage(Stage):
         id_col, text_col, prefix_field = KINDS[self.dataset]
         table = job.read(self.dataset, columns=[id_col, text_col])
         emb = job.cfg.embedding
-        vectors = job.models.embedder.encode(
-            table.column(text_col).to_pylist(),
-            emb.batch_size,
-            getattr(emb, prefix_field),
-            emb.pad_to_multiple_of,
-        )
+        prefix = getattr(emb, prefix_field)
+
+        def encode(texts: list[str]) -> Any:
+            return job.models.embedder.encode(texts, emb.batch_size, prefix, emb.pad_to_multiple_of)
+
+        cache = None
+        if emb.cache:  # keyed by what decides a vector: the model as fingerprinted, the prefix
+            key = model_key({"model": job.model_identity("embedder"), "prefix": prefix})
+            cache = EmbeddingCache(job.shared_folder("embeddings"), key)
+        vectors, counts = encode_cached(encode, table.column(text_col).to_pylist(), cache)
         job.write(
             f"embeddings.{self.dataset}", embeddings_table(table[id_col].to_pylist(), vectors)
         )
-        return Outcome(rows_out=table.num_rows, stats={"texts": table.num_rows})
+        return Outcome(rows_out=table.num_rows, stats=counts)
