@@ -270,16 +270,9 @@ def _run(config: Path, output: str | None, overrides: list[str], with_report: bo
     cfg = load_config(config, overrides)
     console.print(f"run id [bold]{cfg.run_id}[/bold] (config hash {cfg.config_hash()[:12]})")
     start = time.perf_counter()
-    with console.status("starting Ray and the Prefect flow...") as status:
-        handler = _StatusHandler(status, start)
-        progress = logging.getLogger("tripletforge.progress")
-        progress.addHandler(handler)
-        progress.setLevel(logging.INFO)
-        progress.propagate = False
-        try:
-            run_dir, doc = run_pipeline(cfg, output)
-        finally:
-            progress.removeHandler(handler)
+    status = console.status("starting Ray and the Prefect flow...")
+    with status, progress_to(_StatusHandler(status, start)):
+        run_dir, doc = run_pipeline(cfg, output)
     console.print(f"flow finished in {time.perf_counter() - start:.1f} s")
     print_summary(run_dir, doc)
     if with_report:
@@ -288,34 +281,37 @@ def _run(config: Path, output: str | None, overrides: list[str], with_report: bo
         console.print(f"[bold]report:[/bold] {build_report(run_dir).resolve()}")
 
 
+@contextlib.contextmanager
+def progress_to(handler: logging.Handler) -> Iterator[None]:
+    """The executor's progress records (logger tripletforge.progress) go to `handler` only."""
+    progress = logging.getLogger("tripletforge.progress")
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    try:
+        yield
+    finally:
+        progress.removeHandler(handler)
+
+
 def _run_json(config: Path, output: str | None, overrides: list[str], with_report: bool) -> None:
     from flows.build import run_pipeline
+    from flows.manifest import stage_counts
     from schemas.config import load_config
 
     cfg = load_config(config, overrides)
     import ray  # noqa: F401 - Ray installs its own log handler on import: replace it
 
     logging.getLogger("ray").handlers = [JsonLogHandler(logging.INFO)]
-    progress = logging.getLogger("tripletforge.progress")
-    handler = JsonLogHandler()
-    progress.addHandler(handler)
-    progress.setLevel(logging.INFO)
-    progress.propagate = False
-    try:
+    with progress_to(JsonLogHandler()):
         run_dir, doc = run_pipeline(cfg, output)
-    finally:
-        progress.removeHandler(handler)
     result = {
         "event": "run_done",
         "run_id": doc["run_id"],
         "run_dir": str(run_dir.resolve()),
         "manifest": str((run_dir / "manifest.json").resolve()),
         "seconds": round(doc["timings"]["total"], 1),
-        "stages": {
-            name: {k: c[k] for k in ("rows_in", "rows_out", "rejected", "deduplicated")}
-            | {"seconds": c["seconds"], "resumed_shards": c["skipped_shards"]}
-            for name, c in doc["stages"].items()
-        },
+        "stages": stage_counts(doc),
     }
     if with_report:
         from tasks.report import build_report

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +246,24 @@ def _clock(seconds: float) -> str:
     )
 
 
+def collect_in_order(
+    jobs: list[tuple[JobSpec, Callable[[], Entry]]], stage: str, started: float | None = None
+) -> list[Entry]:
+    """Each job's entry, in order, with progress; a failed job fails the run naming its stage
+    and shard (user errors and accounting errors pass through as they are)."""
+    out = []
+    shown = ShardProgress(stage, len(jobs), started)
+    for spec, result in jobs:
+        try:
+            out.append(result())
+        except (AccountingError, InputError):
+            raise
+        except Exception as e:
+            raise StageError(f"stage {stage}, shard {spec.index}: {e}") from e
+        shown.shard_done(out[-1])
+    return out
+
+
 class LocalDispatch:
     """Jobs in this process, one after another."""
 
@@ -255,17 +273,9 @@ class LocalDispatch:
     def collect(
         self, pending: list[Any], stage: str, timeout_s: float, started: float | None = None
     ) -> list[Entry]:
-        out = []
-        shown = ShardProgress(stage, len(pending), started)
-        for spec in pending:
-            try:
-                out.append(execute(spec))
-            except (AccountingError, InputError):
-                raise
-            except Exception as e:
-                raise StageError(f"stage {stage}, shard {spec.index}: {e}") from e
-            shown.shard_done(out[-1])
-        return out
+        return collect_in_order(
+            [(spec, lambda s=spec: execute(s)) for spec in pending], stage, started
+        )
 
     def width(self, stage: Stage, cfg: PipelineConfig, host: ModelHost) -> int:
         return 1

@@ -159,15 +159,20 @@ def finish_run(executor: Executor, started: float) -> dict[str, Any]:
     return doc.model_dump(mode="json")
 
 
+def stage_counts(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per stage: rows in / out, rejected, deduplicated, seconds, resumed shards."""
+    return {
+        name: {k: c[k] for k in ("rows_in", "rows_out", "rejected", "deduplicated")}
+        | {"seconds": c["seconds"], "resumed_shards": c["skipped_shards"]}
+        for name, c in doc["stages"].items()
+    }
+
+
 def publish_artifacts(doc: dict[str, Any], run_dir: str) -> None:
     """The per-stage counts and where the run's output (and report) is, in the Prefect UI."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    rows = [
-        {"stage": name, **{k: c[k] for k in ("rows_in", "rows_out", "rejected", "deduplicated")}}
-        | {"seconds": c["seconds"], "resumed_shards": c["skipped_shards"]}
-        for name, c in doc["stages"].items()
-    ]
+    rows = [{"stage": name, **counts} for name, counts in stage_counts(doc).items()]
     create_table_artifact(rows, key="stage-counts", description=f"run {doc['run_id']}")
     report = Path(run_dir) / "report" / "report.html"
     create_markdown_artifact(

@@ -13,11 +13,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import runtime
 from flows.cache import Entry
-from flows.executor import AccountingError, JobSpec, ShardProgress, StageError, execute
+from flows.executor import JobSpec, collect_in_order, execute
 from flows.models import ModelHost
 from flows.workers import ActorHandle
 from schemas.config import PipelineConfig
-from tasks.stage import InputError, Stage
+from tasks.stage import Stage
 
 MODEL_LANES = 2
 
@@ -85,14 +85,5 @@ class RayDispatch:
     ) -> list[Entry]:
         """Every result, in order; a failed job fails the run naming its stage and shard
         (Prefect does not fail a flow for a failed mapped task by itself)."""
-        out = []
-        shown = ShardProgress(stage, len(pending), started)
-        for spec, future in pending:
-            try:
-                out.append(future.result(timeout=timeout_s))
-            except (AccountingError, InputError):
-                raise
-            except Exception as e:
-                raise StageError(f"stage {stage}, shard {spec.index}: {e}") from e
-            shown.shard_done(out[-1])
-        return out
+        jobs = [(spec, lambda f=future: f.result(timeout=timeout_s)) for spec, future in pending]
+        return collect_in_order(jobs, stage, started)
