@@ -75,6 +75,7 @@ def ray_cluster(
     procs = []
     head = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}"]
     head += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"]
+    head += agent_ports()
     try:
         procs.append(_spawn(head, logs / "head.log"))
         address = f"127.0.0.1:{port}"
@@ -86,6 +87,7 @@ def ray_cluster(
                 "--block",
                 f"--address={address}",
                 f"--num-cpus={cpus}",
+                *agent_ports(),
             ]
             if hide_in_workers is not None:
                 hidden = " ".join(cmd)
@@ -101,6 +103,17 @@ def ray_cluster(
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
+
+
+def agent_ports() -> list[str]:
+    """Free ports for a node's dashboard agent: its default HTTP port (52365) is taken by any
+    other Ray on the machine (a local ray.init, another test's cluster), and a node whose agent
+    cannot bind answers every `ray job submit` with "No available agent"."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
 
 
 def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:

@@ -70,7 +70,9 @@ class Probe:
     def shutdown(self):
         pass
 
-ray.init(num_cpus=4, num_gpus={gpus}, include_dashboard=False, namespace="tripletforge")
+# "local": never join another Ray on this machine (a test cluster, a `ray start`)
+ray.init(address="local", num_cpus=4, num_gpus={gpus}, include_dashboard=False,
+         namespace="tripletforge")
 cfg = PipelineConfig.model_validate({cfg})
 host = RayModels(cfg)
 host.worker_class = Probe
