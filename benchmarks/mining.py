@@ -1,23 +1,32 @@
-"""Hard-negative mining: this project against sentence-transformers' `mine_hard_negatives`,
-with the same corpus, queries, model and parameters, side by side in one process.
+"""Hard-negative mining: this project on each embedding backend against sentence-transformers'
+`mine_hard_negatives`, with the same corpus, queries, model and parameters, side by side in one
+run (each side in a fresh process of its own, one after the other, so that one runtime's thread
+pools and heap do not slow or bloat the next, and each peak RSS is that side's).
 
 Corpus: standard-library docstring paragraphs (real prose, see benchmarks/dedup.py); each
 query is the first 12 words of its positive passage. Parameters: 4 negatives, ranks [0, 30),
 relative margin 0.05 (ours: max_positive_ratio 0.95), top sampling, batch size 32 (both sides'
-default), MiniLM on CPU. Both sides embed the corpus and the queries themselves: embedding is
-~99.9% of either run, so what decides the ratio is how each embeds.
+default), MiniLM on CPU with every core (or THREADS). Our `copies_query` rule is off here: the
+queries are their positives' first words, so it would drop candidates that sentence-transformers
+keeps and the overlap would measure that rule, not the embedding. Both sides embed the corpus
+and the queries themselves: embedding is ~99.9% of either run, so what decides the ratio is how
+each embeds.
 
-- this project: its Embedder at `embedding.precision: auto` (bfloat16 autocast where the CPU
-  multiplies bf16 natively, float32 elsewhere) and the default `pad_to_multiple_of` (32);
-- sentence-transformers as users call it (the model in float32);
-- sentence-transformers with the very same autocast, to show where the difference comes from
-  (search and filters are not it).
-The overlap of the chosen negatives and the cosine between the two precisions' vectors say
-whether the faster embedding changes the data.
+- this project on each local backend of tasks/embed_backends.py: torch (float32, and bf16
+  autocast where the CPU multiplies bf16 natively), ONNX Runtime (float32, int8 weights) and
+  OpenVINO (float32, and bf16 where native), at the default `pad_to_multiple_of` (32);
+- sentence-transformers as users call it (the model in float32), and under bf16 autocast where
+  native, to show where a difference comes from (search and filters are not it).
 
-Last line: `mining speedup_vs_st=R peak_rss_mb=M` (R: against sentence-transformers as users
-call it; M: this process after our run).
-Usage: .venv/bin/python benchmarks/mining.py [N_PASSAGES] [N_QUERIES]
+Per backend: texts/s while embedding, the cosine of its vectors to float32 torch's (min, mean),
+and the overlap of its chosen negatives with float32 torch mining (and with sentence-
+transformers'). A backend is eligible when its cosine min is >= 0.999 (the rule of
+`embedding.backend: auto`, whose decision here is printed too).
+
+Last line: `mining speedup_vs_st=R overlap=O peak_rss_mb=M` for the fastest eligible backend:
+R against sentence-transformers as users call it, O its overlap with float32 torch mining, M the
+peak RSS of its process.
+Usage: .venv/bin/python benchmarks/mining.py [N_PASSAGES] [N_QUERIES] [THREADS]
 """
 
 from __future__ import annotations
@@ -35,23 +44,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # sentence-transformers shows bars even with verbose off
 
 import contextlib  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from multiprocessing import get_context  # noqa: E402
+from typing import Any  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from dedup import base_corpus  # noqa: E402
 
 from schemas.config import EmbeddingConfig, MiningConfig  # noqa: E402
 from schemas.tables import CLUSTERS  # noqa: E402
-from tasks.embedder import Embedder, resolve_precision  # noqa: E402
+from tasks.embed_backends import AUTO_MIN_COSINE, BackendChoice  # noqa: E402
+from tasks.hardware import cpu_description, native_bf16  # noqa: E402
 from tasks.mine import mine_negatives  # noqa: E402
-from tasks.models import minilm_path  # noqa: E402
+from tasks.models import minilm_path, prepare_onnx  # noqa: E402
 
 NEGATIVES, MAX_RANK, BATCH = 4, 30, 32
 PAD = EmbeddingConfig().pad_to_multiple_of  # the pipeline's default token padding
+MODEL = "all-MiniLM-L6-v2"
 
 
-def ours(model: Embedder, passages: list[str], queries: list[str], positives: list[int]):
+def corpus(n_passages: int, n_queries: int) -> tuple[list[str], list[str], list[int]]:
+    passages = base_corpus(n_passages)
+    positives = list(range(0, len(passages), max(1, len(passages) // n_queries)))[:n_queries]
+    queries = [" ".join(passages[p].split()[:12]) for p in positives]
+    return passages, queries, positives
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ours(model: Any, passages: list[str], queries: list[str], positives: list[int]):
     start = time.perf_counter()
-    corpus = model.encode(passages, batch_size=BATCH, pad_to_multiple_of=PAD)
+    corpus_vectors = model.encode(passages, batch_size=BATCH, pad_to_multiple_of=PAD)
     q = model.encode(queries, batch_size=BATCH, pad_to_multiple_of=PAD)
     embedded = time.perf_counter()
     ids = [str(i) for i in range(len(passages))]
@@ -61,23 +87,63 @@ def ours(model: Embedder, passages: list[str], queries: list[str], positives: li
             "passage_id": [ids[p] for p in positives],
         }
     )
-    cfg = MiningConfig(num_negatives=NEGATIVES, max_rank=MAX_RANK, max_positive_ratio=0.95)
-    result = mine_negatives(table, q, ids, corpus, CLUSTERS.empty_table(), cfg)
+    cfg = MiningConfig(
+        num_negatives=NEGATIVES,
+        max_rank=MAX_RANK,
+        max_positive_ratio=0.95,
+        copies_query_share=None,  # sentence-transformers has no such rule (see the docstring)
+    )
+    result = mine_negatives(table, q, ids, corpus_vectors, CLUSTERS.empty_table(), cfg)
     end = time.perf_counter()
     kept = result.candidates.filter(result.candidates["kept"]).to_pylist()
     chosen: dict[int, set[str]] = {}
     for row in kept:
         chosen.setdefault(int(row["query_id"]), set()).add(passages[int(row["passage_id"])])
-    return chosen, end - start, end - embedded
+    vectors = np.concatenate([corpus_vectors, q])
+    return chosen, end - start, embedded - start, vectors
 
 
-def st(model, passages: list[str], queries: list[str], positives: list[int], autocast=None):
+def run_backend(choice: BackendChoice, data: tuple, threads: int) -> dict[str, Any]:
+    """One backend in this (fresh) process: load, warm up, mine; what it chose and how fast."""
+    from tasks.embed_backends import load_local
+
+    passages, queries, positives = data
+    start = time.perf_counter()
+    model = load_local(choice, str(minilm_path()), MODEL, "cpu", threads)
+    load_s = time.perf_counter() - start
+    ours(model, passages[:50], queries[:5], [0] * 5)  # warm-up: first batches are slow
+    chosen, seconds, embed_s, vectors = ours(model, passages, queries, positives)
+    return {
+        "chosen": chosen,
+        "seconds": seconds,
+        "embed_seconds": embed_s,
+        "texts_per_s": (len(passages) + len(queries)) / embed_s,
+        "vectors": vectors,
+        "load_s": load_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_st(data: tuple, precision: str, threads: int) -> dict[str, Any]:
+    """sentence-transformers' `mine_hard_negatives`, in float32 (as users call it) or under
+    the autocast our torch backend uses."""
+    import torch
     from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
+    torch.set_num_threads(threads)
+    passages, queries, positives = data
+    model = SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)
+    model.encode(passages[:50], batch_size=BATCH)  # warm-up, as on our side
+    autocast = (
+        torch.autocast("cpu", dtype=getattr(torch, precision))
+        if precision != "float32"
+        else contextlib.nullcontext()
+    )
     data = Dataset.from_dict({"query": queries, "positive": [passages[p] for p in positives]})
     start = time.perf_counter()
-    with autocast or contextlib.nullcontext():
+    with autocast:
         out = mine_hard_negatives(
             data,
             model,
@@ -95,7 +161,25 @@ def st(model, passages: list[str], queries: list[str], positives: list[int], aut
     index = {q: i for i, q in enumerate(queries)}
     for row in out:
         chosen[index[row["query"]]] = {row[f"negative_{k}"] for k in range(1, NEGATIVES + 1)}
-    return chosen, seconds
+    return {"chosen": chosen, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_auto() -> tuple[BackendChoice, list[dict[str, Any]]]:
+    """What `embedding.backend: auto` chose here (measured now if not cached yet)."""
+    import json
+
+    from tasks.embed_backends import AUTO_CHOICE_FILE, choose_backend
+    from tasks.models import cache_dir
+
+    choice = choose_backend(EmbeddingConfig(backend="auto"))
+    stored = json.loads((cache_dir() / AUTO_CHOICE_FILE).read_text())
+    entry = next(e for e in stored.values() if e["choice"] == choice.__dict__)
+    return choice, entry["measurements"]
+
+
+def in_fresh_process(fn: Any, *args: Any) -> Any:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def overlap(a: dict[int, set[str]], b: dict[int, set[str]]) -> tuple[float, int]:
@@ -105,52 +189,104 @@ def overlap(a: dict[int, set[str]], b: dict[int, set[str]]) -> tuple[float, int]
     return shared / max(1, sum(len(b[q]) for q in both)), len(both)
 
 
+def label(choice: BackendChoice) -> str:
+    return f"{choice.backend} {choice.precision}"
+
+
 def main() -> None:
     n_passages = int(sys.argv[1]) if len(sys.argv) > 1 else 1400
     n_queries = int(sys.argv[2]) if len(sys.argv) > 2 else 400
-    passages = base_corpus(n_passages)
-    positives = list(range(0, len(passages), max(1, len(passages) // n_queries)))[:n_queries]
-    queries = [" ".join(passages[p].split()[:12]) for p in positives]
-    precision = resolve_precision("auto", "cpu")
+    threads = int(sys.argv[3]) if len(sys.argv) > 3 else (os.cpu_count() or 1)
+    # made here once and handed to every process: which standard-library modules import, and
+    # so the corpus, depends on what a process imported before
+    data = corpus(n_passages, n_queries)
+    passages, queries, _ = data
+    bf16 = native_bf16()
     print(
-        f"{len(passages)} passages, {len(queries)} queries, MiniLM on CPU, {os.cpu_count()} "
-        f"cores; this project embeds in {precision}"
+        f"{len(passages)} passages, {len(queries)} queries, MiniLM on CPU: {cpu_description()}, "
+        f"{os.cpu_count()} cores, {threads} threads; native bf16: {'yes' if bf16 else 'no'}; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
-    threads = os.cpu_count() or 1
-    path = str(minilm_path())
-    embedder = Embedder(path, "all-MiniLM-L6-v2", threads=threads, precision=precision)
-    ours(embedder, passages[:50], queries[:5], [0] * 5)  # warm-up: first batches are slow
-    chosen_ours, t_ours, t_mine = ours(embedder, passages, queries, positives)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    model = embedder.model  # the same loaded weights for every run
-    chosen_st, t_st = st(model, passages, queries, positives)
-    chosen_st_ac, t_st_ac = st(model, passages, queries, positives, embedder._autocast())
+    prepare_onnx(minilm_path())  # the exports are made once and cached; not timed here
+    prepare_onnx(minilm_path(), "int8")
 
-    fp32 = Embedder(path, "all-MiniLM-L6-v2", threads=threads)
-    sample = passages[:200]
-    cosine = (
-        embedder.encode(sample, BATCH, pad_to_multiple_of=PAD) * fp32.encode(sample, BATCH)
-    ).sum(axis=1)
-    ov, n_both = overlap(chosen_ours, chosen_st)
-    ov_ac, _ = overlap(chosen_ours, chosen_st_ac)
+    choices = [BackendChoice("torch", "float32")]
+    if bf16:
+        choices.append(BackendChoice("torch", "bfloat16"))
+    choices += [BackendChoice("onnx", "float32"), BackendChoice("onnx", "int8", "int8")]
+    choices.append(BackendChoice("openvino", "float32"))
+    if bf16:
+        choices.append(BackendChoice("openvino", "bfloat16"))
+    results = {}
+    for choice in choices:
+        results[choice] = in_fresh_process(run_backend, choice, data, threads)
+        r = results[choice]
+        print(
+            f"  {label(choice)}: {r['seconds']:.1f} s ({r['texts_per_s']:.1f} texts/s, "
+            f"load {r['load_s']:.1f} s)",
+            flush=True,
+        )
+    st = in_fresh_process(run_st, data, "float32", threads)
+    st_ac = in_fresh_process(run_st, data, "bfloat16", threads) if bf16 else None
+    auto, _ = in_fresh_process(run_auto)
+
+    reference = results[BackendChoice("torch", "float32")]
+    rows = []
+    for choice, r in results.items():
+        cosine = (r["vectors"] * reference["vectors"]).sum(axis=1)
+        ov, _ = overlap(r["chosen"], reference["chosen"])
+        ov_st, n_both = overlap(r["chosen"], st["chosen"])
+        rows.append(
+            {
+                "choice": choice,
+                "seconds": r["seconds"],
+                "texts_per_s": r["texts_per_s"],
+                "cos_min": float(cosine.min()),
+                "cos_mean": float(cosine.mean()),
+                "overlap": ov,
+                "overlap_st": ov_st,
+                "eligible": float(cosine.min()) >= AUTO_MIN_COSINE,
+                "peak_rss_mb": r["peak_rss_mb"],
+                "speedup": st["seconds"] / r["seconds"],
+            }
+        )
+    print()
     print(
-        f"tripletforge ({precision}): {t_ours:6.1f} s (search + filters {t_mine:.2f} s), "
-        f"{len(chosen_ours)} queries with negatives"
+        "| backend | mining wall | embedding texts/s | cosine to float32 torch (min / mean) "
+        "| overlap vs float32 torch mining | overlap vs ST float32 | speedup vs ST | peak RSS |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        mark = "" if row["eligible"] else " (below 0.999)"
+        print(
+            f"| {label(row['choice'])}{mark} | {row['seconds']:.1f} s | {row['texts_per_s']:.1f} "
+            f"| {row['cos_min']:.5f} / {row['cos_mean']:.5f} | {row['overlap']:.3f} "
+            f"| {row['overlap_st']:.3f} | {row['speedup']:.2f} | {row['peak_rss_mb']:.0f} MB |"
+        )
+    print(
+        f"| sentence-transformers mine_hard_negatives (float32, as users call it) "
+        f"| {st['seconds']:.1f} s | | | | | 1.00 | {st['peak_rss_mb']:.0f} MB |"
+    )
+    if st_ac is not None:
+        ov_ac, _ = overlap(st_ac["chosen"], st["chosen"])
+        print(
+            f"| sentence-transformers under bf16 autocast | {st_ac['seconds']:.1f} s | | | | "
+            f"{ov_ac:.3f} | {st['seconds'] / st_ac['seconds']:.2f} "
+            f"| {st_ac['peak_rss_mb']:.0f} MB |"
+        )
+    print()
+    print(f"shared queries with sentence-transformers: {n_both} of {len(queries)}")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (other processes slow every row)")
+    print(f"embedding.backend auto here: {label(auto)}")
+    best = min((r for r in rows if r["eligible"]), key=lambda r: r["seconds"])
+    print(
+        f"fastest within cosine {AUTO_MIN_COSINE}: {label(best['choice'])} "
+        f"({best['seconds']:.1f} s vs {st['seconds']:.1f} s for sentence-transformers float32)"
     )
     print(
-        f"sentence-transformers mine_hard_negatives (float32): {t_st:6.1f} s, "
-        f"{len(chosen_st)} queries"
+        f"mining speedup_vs_st={best['speedup']:.2f} overlap={best['overlap']:.3f} "
+        f"peak_rss_mb={best['peak_rss_mb']:.0f}"
     )
-    print(
-        f"sentence-transformers mine_hard_negatives under the same autocast: {t_st_ac:6.1f} s "
-        f"(ratio {t_st_ac / t_ours:.2f}: embedding is the whole difference)"
-    )
-    print(
-        f"overlap of chosen negatives on {n_both} shared queries: {ov:.3f} vs float32 "
-        f"sentence-transformers, {ov_ac:.3f} vs the same precision; cosine of {precision} to "
-        f"float32 vectors: min {cosine.min():.5f}, mean {cosine.mean():.5f}"
-    )
-    print(f"mining speedup_vs_st={t_st / t_ours:.2f} peak_rss_mb={peak_mb:.0f}")
 
 
 if __name__ == "__main__":

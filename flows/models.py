@@ -2,7 +2,8 @@
 runs, when it starts and stops, and its identity in fingerprints.
 
 - `identity(cfg, name)`: what decides the model's outputs: a hash of its weights (not its path),
-  the precision `auto` resolves to on this hardware, the settings that change what it writes.
+  the precision `auto` resolves to on this hardware, the settings that change what it writes;
+  for the embedder also its backend (`auto` resolved: tasks/embed_backends.py) and quantization.
 - A *host* starts a model the first time a stage with work to do needs it and stops it when
   the last stage that declares it is done (`acquire` / `release`, and `close` at the end).
   `RayModels` keeps each model in a named Ray actor, loaded once per Ray session; `LocalModels`
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.config import LLM_TRANSPORT_FIELDS, PipelineConfig
-from tasks.embedder import resolve_precision
+from tasks.embed_backends import encoder_identity, resolve_choice
 from tasks.llm.engine import resolve_llm_dtype
 from tasks.models import resolve_embedding_path, resolve_llm_path, weights_digest
 from tasks.prompts import prompt_versions
@@ -51,18 +52,32 @@ def identity(cfg: PipelineConfig, name: str, device: str) -> dict[str, Any]:
             ident["weights"] = weights_digest(resolve_llm_path(cfg.llm.model_path))
         return ident
     if name == "embedder":
-        return {
-            "weights": weights_digest(resolve_embedding_path(cfg.embedding.model_path)),
-            "device": device,
-            "precision": resolve_precision(cfg.embedding.precision, device),
-        }
+        return encoder_identity(cfg.embedding, device)
     if name == "rescorer":
         return {"weights": weights_digest(cfg.mining.rescore_model_path or ""), "device": device}
     raise KeyError(f"unknown model {name!r}; known: {MODEL_NAMES}")
 
 
 def requested_device(cfg: PipelineConfig, name: str) -> str:
-    return cfg.llm.device if name == "llm" else cfg.embedding.device
+    if name == "llm":
+        return cfg.llm.device
+    if name == "embedder" and cfg.embedding.backend in ("onnx", "openvino", "openai"):
+        return "cpu"  # these run on CPU (or elsewhere): a GPU reserved for them would idle
+    return cfg.embedding.device
+
+
+def resolve_auto_embedder(cfg: PipelineConfig, device: str) -> PipelineConfig:
+    """`cfg` with `embedding.backend: auto` replaced by what it resolves to here, so that the
+    worker loads exactly what the fingerprints were computed for (a worker on another node must
+    not measure again and perhaps decide otherwise)."""
+    if cfg.embedding.backend != "auto":
+        return cfg
+    choice = resolve_choice(cfg.embedding, device)
+    precision = "float32" if choice.precision == "int8" else choice.precision
+    embedding = cfg.embedding.model_copy(
+        update={"backend": choice.backend, "precision": precision, "quantize": choice.quantize}
+    )
+    return cfg.model_copy(update={"embedding": embedding})
 
 
 def resolve_device(requested: str, gpus: float) -> str:
@@ -165,6 +180,7 @@ class ModelHost:
         self.load_seconds: dict[str, float] = {}
         self.used: set[str] = set()  # models some job of this run needed
         self._identity: dict[str, dict[str, Any]] = {}
+        self.requested_embedding_backend = cfg.embedding.backend
 
     def gpus(self) -> float:
         return 0.0
@@ -175,10 +191,14 @@ class ModelHost:
     def identity(self, name: str) -> dict[str, Any]:
         if name not in self._identity:
             self._identity[name] = identity(self.cfg, name, self.device(name))
+            if name == "embedder":  # from here on, load what the identity says
+                self.cfg = resolve_auto_embedder(self.cfg, self.device(name))
         return self._identity[name]
 
     def acquire(self, name: str) -> Any:
         self.used.add(name)
+        if name == "embedder":
+            self.identity(name)  # resolves `auto` before any worker loads
         if name not in self.started:
             self.started[name] = self._start(name)
         return self.started[name]
@@ -215,13 +235,20 @@ class ModelHost:
                         weights=ident["weights"],
                     )
             elif name == "embedder":
-                record = {
-                    "name": self.cfg.embedding.model_name,
-                    "path": str(resolve_embedding_path(self.cfg.embedding.model_path)),
-                    "device": ident["device"],
-                    "precision": ident["precision"],
-                    "weights": ident["weights"],
-                }
+                record = {"name": self.cfg.embedding.model_name, "backend": ident["backend"]}
+                if self.requested_embedding_backend == "auto":
+                    record["chosen_by"] = "auto"
+                if ident["backend"] == "openai":  # over HTTP: no path, weights, URL or key
+                    record.update(device="remote", precision="server")
+                else:
+                    record.update(
+                        path=str(resolve_embedding_path(self.cfg.embedding.model_path)),
+                        device=ident["device"],
+                        precision=ident["precision"],
+                        weights=ident["weights"],
+                    )
+                    if ident.get("quantize"):
+                        record["quantize"] = ident["quantize"]
             else:
                 record = {"path": self.cfg.mining.rescore_model_path, **ident}
             record["used"] = name in self.used  # False: every job that needs it was reused
@@ -278,11 +305,9 @@ class LocalModels(ModelHost):
 def _load(cfg: PipelineConfig, name: str, device: str, threads: int) -> Any:
     """The model object itself (in a local host or inside a Ray actor)."""
     if name == "embedder":
-        from tasks.embedder import Embedder
+        from tasks.embed_backends import load_encoder
 
-        path = str(resolve_embedding_path(cfg.embedding.model_path))
-        precision = resolve_precision(cfg.embedding.precision, device)
-        return Embedder(path, cfg.embedding.model_name, device, threads, precision)
+        return load_encoder(cfg.embedding, device, threads)
     if name == "llm":
         from tasks.llm.engine import VLLMEngine
 

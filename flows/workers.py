@@ -45,20 +45,42 @@ class ActorHandle:
         return actor_client(self, index)
 
 
+def worker_threads(requested: int) -> int:
+    """CPU threads for the model in this actor: what the host asked for (the cluster's CPUs),
+    capped at the CPUs Ray gives the node the actor runs on and the cores this process may run
+    on (a container's or taskset's limit): on a cluster the cluster's count would oversubscribe
+    every node. 0 (not a CPU model) stays 0."""
+    if requested <= 0:
+        return requested
+    affinity = getattr(os, "sched_getaffinity", None)
+    limit = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    try:
+        if ray.is_initialized():  # (asking outside Ray would start one)
+            node_id = ray.get_runtime_context().get_node_id()
+            for node in ray.nodes():
+                if node.get("NodeID") == node_id:
+                    limit = min(limit, int(node.get("Resources", {}).get("CPU", limit)))
+    except Exception:  # noqa: BLE001 - an older API: the process's limit stands
+        pass
+    return max(1, min(requested, limit))
+
+
 class ModelWorker:
     """The Ray actor: one model, loaded once; its method is called with the job's arguments."""
 
     def __init__(self, cfg: PipelineConfig, name: str, device: str, threads: int):
-        import torch
+        threads = worker_threads(threads)
+        if threads > 0 and name != "embedder":  # every embedding backend sets its own threads
+            import torch
 
-        if threads > 0:
             torch.set_num_threads(threads)
+        self.threads = threads
         start = time.perf_counter()
         self.model = _load(cfg, name, device, threads)
         self.load_seconds = time.perf_counter() - start
 
     def info(self) -> dict[str, Any]:
-        return {"load_seconds": self.load_seconds, "pid": os.getpid()}
+        return {"load_seconds": self.load_seconds, "pid": os.getpid(), "threads": self.threads}
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.model, method)(*args, **kwargs)

@@ -1,7 +1,9 @@
 """Embed: vectors for one shard of passages, queries or written passages, by the embedder worker.
 
 One stage class serves the three datasets (`EmbedStage("passages")`, ...): the same model and
-settings, each shard embedded once, its vectors in `embeddings.<dataset>`.
+settings, each shard embedded once, its vectors in `embeddings.<dataset>`. Which backend runs the
+model (torch, ONNX Runtime, OpenVINO, a server) is the embedder's identity, in the fingerprint
+through `models()`; how texts are batched is in `settings()`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ KINDS = {
 
 
 class EmbedStage(Stage):
-    version = "1"
-    libraries = ("torch", "sentence-transformers", "transformers")
+    # 2: batches of texts sorted by token length (sentence-transformers sorted by characters),
+    # optionally by padded-token budget: the same vectors to rounding, not to the bit.
+    version = "2"
+    libraries = ("torch", "sentence-transformers", "transformers", "tokenizers")
 
     def __init__(self, dataset: str):
         if dataset not in KINDS:
@@ -41,6 +45,7 @@ class EmbedStage(Stage):
         return {
             "batch_size": emb.batch_size,
             "pad_to_multiple_of": emb.pad_to_multiple_of,
+            "max_batch_tokens": emb.max_batch_tokens,
             "prefix": getattr(emb, KINDS[self.dataset][2]),
         }
 
@@ -51,10 +56,14 @@ class EmbedStage(Stage):
         id_col, text_col, prefix_field = KINDS[self.dataset]
         table = job.read(self.dataset, columns=[id_col, text_col])
         emb = job.cfg.embedding
+        # passed only when set: an embedder object handed in may predate the argument
+        budget = {"max_batch_tokens": emb.max_batch_tokens} if emb.max_batch_tokens else {}
         prefix = getattr(emb, prefix_field)
 
         def encode(texts: list[str]) -> Any:
-            return job.models.embedder.encode(texts, emb.batch_size, prefix, emb.pad_to_multiple_of)
+            return job.models.embedder.encode(
+                texts, emb.batch_size, prefix, emb.pad_to_multiple_of, **budget
+            )
 
         cache = None
         if emb.cache:  # keyed by what decides a vector: the model as fingerprinted, the prefix

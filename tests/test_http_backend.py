@@ -7,14 +7,11 @@ can drop `usage`; nothing here fakes the LLM.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import logging
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +32,7 @@ from tasks.llm.base import SamplingSettings
 from tasks.llm.engine import engine_env
 from tasks.llm.openai_http import LLMServerError, OpenAIEngine
 from tasks.models import cache_dir, resolve_llm_path
-from tests.helpers import passages, sample_rows, write_jsonl
+from tests.helpers import free_port, passages, sample_rows, vllm_server, write_jsonl
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -46,79 +43,17 @@ GREEDY = SamplingSettings(max_tokens=48, temperature=0.0, top_p=1.0)
 READY_TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (vLLM shuts its engine processes down), then SIGKILL the whole process group."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # engine-core/worker children of a killed server
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A real vLLM OpenAI-compatible server on 127.0.0.1, with an API key: (base_url, key)."""
-    port, key = free_port(), secrets.token_hex(16)
     env = dict(os.environ)
     env.update(engine_env(LLMConfig(kv_cache_gib=1), str(cache_dir()), os.cpu_count() or 1))
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(resolve_llm_path(None)),
-        "--served-model-name",
-        MODEL,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enforce-eager",
-        "--max-model-len",
-        "2048",
-        "--dtype",
-        "bfloat16",
-        "--no-enable-chunked-prefill",  # see VLLMEngine: seeded sampling + chunks crash on CPU
-        "--api-key",
-        key,
-    ]
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"vLLM server exited ({proc.returncode}): {log_path.read_text()[-3000:]}"
-                )
-            try:
-                req = urllib.request.Request(
-                    url + "/models", headers={"Authorization": f"Bearer {key}"}
-                )
-                urllib.request.urlopen(req, timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    tail = log_path.read_text()[-3000:]
-                    pytest.fail(f"vLLM server not ready in {READY_TIMEOUT_S} s: {tail}")
-                time.sleep(1)
-        yield url, key
-    finally:
-        _stop(proc)
+    args = ["--model", str(resolve_llm_path(None)), "--served-model-name", MODEL]
+    args += ["--max-model-len", "2048", "--dtype", "bfloat16"]
+    args += ["--no-enable-chunked-prefill"]  # see VLLMEngine: seeded sampling + chunks crash
+    with vllm_server(args, env, log_path, READY_TIMEOUT_S) as served:
+        yield served
 
 
 @pytest.fixture

@@ -29,9 +29,11 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -48,58 +50,45 @@ class LLMServerError(RuntimeError):
     """The LLM server could not be used; the message says why (and never holds the key)."""
 
 
-class OpenAIEngine:
-    """A ChatEngine over an OpenAI-compatible `/chat/completions` endpoint.
+class OpenAIEndpoint:
+    """What the chat and the embedding clients share: config checks, one httpx client with the
+    key, `GET /models`, retried JSON requests counted in `attempts`, messages that name the
+    server (without credentials) and never the key, requests fanned over a thread pool in
+    input order. A subclass sets `what`, `section`, `error` and `example_url`.
 
-    `check=True` asks `GET {base_url}/models` at construction, so an unreachable server, a
-    refused key or a model the server does not serve fails at once with a clear message.
-    `backoff_s` is the first retry's delay (doubled per retry, plus up to 25% jitter).
-    """
+    `check=True` (in subclasses) asks `GET {base_url}/models` at construction, so an
+    unreachable server, a refused key or a model the server does not serve fails at once with
+    a clear message. `backoff_s` is the first retry's delay (doubled per retry, plus up to 25%
+    jitter)."""
 
-    backend = "openai"
+    what = "the server"  # how messages name it
+    section = ""  # its config section, for messages that say what to set
+    error: type[Exception] = RuntimeError
+    example_url = "http://127.0.0.1:8000/v1"
+    refuse_statuses: tuple[int, ...] = (401,)
 
-    def __init__(self, cfg: LLMConfig, *, check: bool = True, backoff_s: float = 0.5) -> None:
+    def __init__(self, cfg: Any, backoff_s: float) -> None:
         if not cfg.base_url:
-            raise LLMServerError("llm.base_url is not set (e.g. http://127.0.0.1:8000/v1)")
+            raise self.error(f"{self.section}.base_url is not set (e.g. {self.example_url})")
         self.cfg = cfg
         self.model_name: str = cfg.model_name
         self.base_url: str = cfg.base_url.rstrip("/")
+        self.shown_url = display_url(self.base_url)
         self.backoff_s = backoff_s
         self._lock = threading.Lock()
         self._sent = 0
-        key = os.environ.get(cfg.api_key_env, "").strip() or None
-        if key is not None and not (key.isascii() and key.isprintable()):
-            raise LLMServerError(
-                f"the environment variable {cfg.api_key_env} holds an API key with characters an "
-                "HTTP header cannot carry (non-ASCII or control characters)"
-            )
-        self._has_key = key is not None
-        self._secret = key  # only for scrubbing server text; never formatted anywhere
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(cfg.request_timeout_s, connect=min(10.0, cfg.request_timeout_s)),
-            limits=httpx.Limits(
-                max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
-            ),
+        self._client, self._secret = keyed_client(
+            cfg.api_key_env, cfg.request_timeout_s, cfg.concurrency, self.error
         )
-        if check:
-            try:
-                served = self.check()
-            except BaseException:
-                self.close()
-                raise
-            log.info("LLM server %s serves %s", self.base_url, served)
+        self._has_key = self._secret is not None  # the key: only for scrubbing server text
 
     def __repr__(self) -> str:
         return (
-            f"OpenAIEngine(base_url={self.base_url!r}, model={self.model_name!r}, "
+            f"{type(self).__name__}(base_url={self.shown_url!r}, model={self.model_name!r}, "
             f"api_key_env={self.cfg.api_key_env!r}, key_set={self._has_key})"
         )
 
-    def __enter__(self) -> OpenAIEngine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -120,16 +109,113 @@ class OpenAIEngine:
         body = self._send("GET", "/models", None)
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
-            raise LLMServerError(
-                f"{self.base_url}/models did not answer an OpenAI model list: {self._clip(body)}"
+            raise self.error(
+                f"{self.shown_url}/models did not answer an OpenAI model list: {self._clip(body)}"
             )
         served = [str(m.get("id")) for m in data if isinstance(m, dict)]
         if self.model_name not in served:
-            raise LLMServerError(
-                f"the LLM server at {self.base_url} does not serve {self.model_name!r}; "
-                f"it serves {served} (set llm.model_name to one of them)"
+            raise self.error(
+                f"{self.what} at {self.shown_url} does not serve {self.model_name!r}; "
+                f"it serves {served} (set {self.section}.model_name to one of them)"
             )
         return served
+
+    def close(self) -> None:
+        """Close the HTTP connections (the server keeps running)."""
+        self._client.close()
+
+    def _checked(self, check: bool, then: Callable[[], None] | None = None) -> list[str]:
+        """`check()` (and `then()`) at construction, closing the client if either fails."""
+        if not check:
+            return []
+        try:
+            served = self.check()
+            if then is not None:
+                then()
+        except BaseException:
+            self.close()
+            raise
+        return served
+
+    def _fan_out(self, fn: Callable[[Any], Any], items: list[Any], name: str) -> list[Any]:
+        """`fn` over `items`, `concurrency` at a time, results in input order; the first
+        failure cancels what was not yet sent and is raised."""
+        workers = min(self.cfg.concurrency, len(items))
+        start = time.perf_counter()
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        try:
+            futures = [pool.submit(fn, item) for item in items]
+            out = [f.result() for f in futures]  # input order, whatever order they finish in
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        log.debug(
+            "%d requests to %s in %.1f s (%d in flight)",
+            len(items),
+            self.shown_url,
+            time.perf_counter() - start,
+            workers,
+        )
+        return out
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        """One request with retries on 5xx/408/429/timeouts/connection errors; JSON reply."""
+        return send_json(
+            self._client,
+            method,
+            self.base_url + path,
+            body,
+            shown=self.shown_url + path,
+            what=self.what,
+            retries=self.cfg.max_retries,
+            timeout_s=self.cfg.request_timeout_s,
+            backoff_s=self.backoff_s,
+            error=self.error,
+            clip=self._clip,
+            refused=self._refused,
+            refuse_statuses=self.refuse_statuses,
+            count=self._count,
+        )
+
+    def _count(self) -> None:
+        with self._lock:
+            self._sent += 1
+
+    def _refused(self, status: int) -> str:
+        var = self.cfg.api_key_env
+        if not self._has_key:
+            return (
+                f"{self.what} at {self.shown_url} requires an API key ({status}) and none was "
+                f"sent: the environment variable {var} is not set"
+            )
+        return (
+            f"{self.what} at {self.shown_url} refused the API key ({status}): the environment "
+            f"variable {var} does not hold a key it accepts"
+        )
+
+    def _clip(self, value: Any, limit: int = 300) -> str:
+        """Server text for a message: shortened, and with the key scrubbed should it echo it."""
+        text = str(value)
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text if len(text) <= limit else text[:limit] + "..."
+
+
+class OpenAIEngine(OpenAIEndpoint):
+    """A ChatEngine over an OpenAI-compatible `/chat/completions` endpoint (see OpenAIEndpoint
+    for `check` and `backoff_s`)."""
+
+    backend = "openai"
+    what = "the LLM server"
+    section = "llm"
+    error = LLMServerError
+
+    def __init__(self, cfg: LLMConfig, *, check: bool = True, backoff_s: float = 0.5) -> None:
+        super().__init__(cfg, backoff_s)
+        served = self._checked(check)
+        if check:
+            log.info("LLM server %s serves %s", self.shown_url, served)
 
     def chat_json(
         self,
@@ -164,30 +250,7 @@ class OpenAIEngine:
         ]
         if not bodies:
             return []
-        workers = min(self.cfg.concurrency, len(bodies))
-        start = time.perf_counter()
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm-http")
-        try:
-            futures = [pool.submit(self._complete, body) for body in bodies]
-            out = [f.result() for f in futures]  # input order, whatever order they finish in
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-        log.debug(
-            "%d chat completions from %s in %.1f s (%d in flight)",
-            len(out),
-            self.base_url,
-            time.perf_counter() - start,
-            workers,
-        )
-        return out
-
-    def close(self) -> None:
-        """Close the HTTP connections (the server keeps running)."""
-        self._client.close()
-
-    # --- internals ------------------------------------------------------------------------------
+        return self._fan_out(self._complete, bodies, "llm-http")
 
     def _complete(self, body: dict[str, Any]) -> Completion:
         out = self._send("POST", "/chat/completions", body)
@@ -196,7 +259,7 @@ class OpenAIEngine:
             text = choice["message"]["content"] or ""
         except (KeyError, IndexError, TypeError) as e:
             raise LLMServerError(
-                f"unexpected reply from {self.base_url}/chat/completions: {self._clip(out)}"
+                f"unexpected reply from {self.shown_url}/chat/completions: {self._clip(out)}"
             ) from e
         finish = choice.get("finish_reason")
         usage = out.get("usage") if isinstance(out.get("usage"), dict) else {}
@@ -208,79 +271,115 @@ class OpenAIEngine:
             log.debug("no usage.completion_tokens in the reply; estimated %d", tokens)
         return Completion(text, tokens, finish)
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
-        """One request with retries on 5xx/408/429/timeouts/connection errors; JSON reply."""
-        url = self.base_url + path
-        retries = self.cfg.max_retries
-        failure = problem = "no attempt made"
-        cause: BaseException | None = None
-        for attempt in range(retries + 1):
-            with self._lock:
-                self._sent += 1
-            retry_after: float | None = None
-            try:
-                resp = self._client.request(method, url, json=body)
-            except httpx.TimeoutException as e:
-                problem = f"no answer within {self.cfg.request_timeout_s:g} s"
-                failure, cause = f"the LLM server at {url} gave {problem}", e
-            except httpx.TransportError as e:
-                problem = _transport_problem(e)
-                failure, cause = f"cannot reach the LLM server at {url}: {problem}", e
-            else:
-                status = resp.status_code
-                if status < 400:
-                    try:
-                        return resp.json()
-                    except ValueError as e:
-                        raise LLMServerError(
-                            f"the LLM server at {url} answered {status} with a body that is not "
-                            f"JSON: {self._clip(resp.text)}"
-                        ) from e
-                message = self._clip(_server_message(resp))
-                if status == 401:
-                    raise LLMServerError(self._unauthorized())
-                if status < 500 and status not in RETRY_STATUS:
-                    raise LLMServerError(f"the LLM server at {url} answered {status}: {message}")
-                problem = f"answered {status}: {message}"
-                failure, cause = f"the LLM server at {url} {problem}", None
-                retry_after = _retry_after(resp)
-            if attempt < retries:
-                delay = self.backoff_s * 2**attempt * (1 + random.random() / 4)  # noqa: S311
-                if retry_after is not None:
-                    delay = max(delay, retry_after)
-                delay = min(delay, MAX_BACKOFF_S)
-                log.warning(
-                    "LLM server %s %s: %s; retry %d/%d in %.2f s",
-                    method,
-                    url,
-                    problem,
-                    attempt + 1,
-                    retries,
-                    delay,
-                )
-                time.sleep(delay)
-        raise LLMServerError(
-            f"{failure} (after {retries} {'retry' if retries == 1 else 'retries'})"
-        ) from cause
 
-    def _unauthorized(self) -> str:
-        var = self.cfg.api_key_env
-        if not self._has_key:
-            return (
-                f"the LLM server at {self.base_url} requires an API key (401) and none was sent: "
-                f"the environment variable {var} is not set"
-            )
-        return (
-            f"the LLM server at {self.base_url} refused the API key (401): the environment "
-            f"variable {var} does not hold a key it accepts"
+def display_url(url: str) -> str:
+    """`url` without user and password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def keyed_client(
+    api_key_env: str, timeout_s: float, concurrency: int, error: type[Exception]
+) -> tuple[httpx.Client, str | None]:
+    """An httpx client for an OpenAI-compatible server: JSON headers, the API key from the
+    environment variable `api_key_env` (if set) as a Bearer token, `concurrency` pooled
+    connections. Returns (client, key); the key is for scrubbing server text only, never to be
+    formatted anywhere. A key an HTTP header cannot carry raises `error`, naming the variable."""
+    key = os.environ.get(api_key_env, "").strip() or None
+    if key is not None and not (key.isascii() and key.isprintable()):
+        raise error(
+            f"the environment variable {api_key_env} holds an API key with characters an "
+            "HTTP header cannot carry (non-ASCII or control characters)"
         )
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    client = httpx.Client(
+        headers=headers,
+        timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+    )
+    return client, key
 
-    def _clip(self, value: Any, limit: int = 300) -> str:
-        """Server text for a message: shortened, and with the key scrubbed should it echo it."""
-        text = str(value)
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return text if len(text) <= limit else text[:limit] + "..."
+
+def send_json(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    body: dict[str, Any] | None,
+    *,
+    what: str,
+    retries: int,
+    timeout_s: float,
+    backoff_s: float,
+    error: type[Exception],
+    clip: Callable[[Any], str],
+    refused: Callable[[int], str],
+    refuse_statuses: tuple[int, ...],
+    count: Callable[[], None],
+    shown: str | None = None,
+) -> Any:
+    """One request to an OpenAI-compatible server, retried; its JSON reply.
+
+    5xx, 408, 429, timeouts and connection errors are retried `retries` times with exponential
+    backoff from `backoff_s` plus up to 25% jitter, never less than a `Retry-After`, at most
+    MAX_BACKOFF_S; a status in `refuse_statuses` raises `error(refused(status))` at once; any other
+    4xx raises at once with the server's message (passed through `clip`, which scrubs the key).
+    `shown` is the URL as messages show it (default `url`); `count` is called once per attempt.
+    """
+    shown = shown or url
+    failure = problem = "no attempt made"
+    cause: BaseException | None = None
+    for attempt in range(retries + 1):
+        count()
+        retry_after: float | None = None
+        try:
+            resp = client.request(method, url, json=body)
+        except httpx.TimeoutException as e:
+            problem = f"no answer within {timeout_s:g} s"
+            failure, cause = f"{what} at {shown} gave {problem}", e
+        except httpx.TransportError as e:
+            problem = _transport_problem(e)
+            failure, cause = f"cannot reach {what} at {shown}: {problem}", e
+        else:
+            status = resp.status_code
+            if status < 400:
+                try:
+                    return resp.json()
+                except ValueError as e:
+                    raise error(
+                        f"{what} at {shown} answered {status} with a body that is not JSON: "
+                        f"{clip(resp.text)}"
+                    ) from e
+            message = clip(_server_message(resp))
+            if status in refuse_statuses:
+                raise error(refused(status))
+            if status < 500 and status not in RETRY_STATUS:
+                raise error(f"{what} at {shown} answered {status}: {message}")
+            problem = f"answered {status}: {message}"
+            failure, cause = f"{what} at {shown} {problem}", None
+            retry_after = _retry_after(resp)
+        if attempt < retries:
+            delay = backoff_s * 2**attempt * (1 + random.random() / 4)  # noqa: S311
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            delay = min(delay, MAX_BACKOFF_S)
+            log.warning(
+                "%s %s %s: %s; retry %d/%d in %.2f s",
+                what,
+                method,
+                shown,
+                problem,
+                attempt + 1,
+                retries,
+                delay,
+            )
+            time.sleep(delay)
+    raise error(f"{failure} (after {retries} {'retry' if retries == 1 else 'retries'})") from cause
 
 
 def _transport_problem(e: httpx.TransportError) -> str:
