@@ -34,8 +34,9 @@ from pipeline import run_measured  # noqa: E402
 QUERIES, DIM, SHARD = 2000, 384, 4096
 
 
-def write_inputs(folder: Path, n: int) -> Path:
-    """corpus.jsonl, pairs.jsonl and a config for n passages; returns the config's path."""
+def write_inputs(folder: Path, n: int, embedding: dict | None = None) -> Path:
+    """corpus.jsonl, pairs.jsonl and a config for n passages (embedding: settings of that
+    section, e.g. the backend); returns the config's path."""
     passages = expand(base_corpus(n), n, random.Random(0))
     step = max(1, len(passages) // QUERIES)
     pairs = [
@@ -56,21 +57,30 @@ def write_inputs(folder: Path, n: int) -> Path:
         "mining": {"num_negatives": 4, "max_rank": 30},
         "output": {"dir": "runs", "shard_size": SHARD},
     }
+    if embedding:
+        config["embedding"] = embedding
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def measure(n: int) -> dict:
+def measure(n: int, embedding: dict | None = None) -> dict:
     cli = str(Path(sys.executable).with_name("tripletforge"))
     with tempfile.TemporaryDirectory() as tmp:
-        config = write_inputs(Path(tmp), n)
+        config = write_inputs(Path(tmp), n, embedding)
         seconds, peak, by_name = run_measured([cli, "run", "--config", str(config)])
         doc = json.loads(next(Path(tmp, "runs").glob("*/manifest.json")).read_text())
     stages = {k: round(v, 1) for k, v in doc["timings"].items()}
     counts = {k: (v["rows_in"], v["rows_out"]) for k, v in doc["stages"].items()}
-    largest = dict(sorted(((k, round(v)) for k, v in by_name.items()), key=lambda x: -x[1])[:6])
-    return {"seconds": seconds, "peak": peak, "stages": stages, "counts": counts, "rss": largest}
+    every = dict(sorted(((k, round(v)) for k, v in by_name.items()), key=lambda x: -x[1]))
+    return {
+        "seconds": seconds,
+        "peak": peak,
+        "stages": stages,
+        "counts": counts,
+        "rss": dict(list(every.items())[:6]),
+        "rss_all": every,
+    }
 
 
 def main() -> None:

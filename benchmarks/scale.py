@@ -7,7 +7,17 @@ what mining adds on top, which should stay flat as the corpus grows (exact searc
 the index itself (HNSW).
 
 Last line: `scale peak_rss_mb_10k=A peak_rss_mb_100k=B overhead_mb_10k=C overhead_mb_100k=D`
+
+`pairs` mode: the whole pipeline instead, one `tripletforge run` in pairs mode per size
+(benchmarks/pipeline_scale.py: ingest, dedup, embedding every passage and query with MiniLM on
+the given backend, mining, assembly, exports), each size in its own process tree, sizes one
+after the other. Reported per size: wall time, the manifest's stage seconds, the machine's peak
+memory over its baseline and the peak RSS of every process of the run.
+Last line: `scale_pairs backend=B seconds_<N>k=S peak_mb_<N>k=P largest_rss_mb_<N>k=R ...`
+
 Usage: .venv/bin/python benchmarks/scale.py
+       .venv/bin/python benchmarks/scale.py pairs [N ...] [--backend B] [--precision P]
+       (default: 100000 1000000, backend openvino, precision auto)
 """
 
 from __future__ import annotations
@@ -67,7 +77,37 @@ def measure(n: int, search: str) -> dict:
     return json.loads(line[0][7:])
 
 
+def pairs(argv: list[str]) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from pipeline_scale import measure as measure_run
+
+    backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "openvino"
+    precision = argv[argv.index("--precision") + 1] if "--precision" in argv else "auto"
+    flags = {"--backend", backend, "--precision", precision}
+    sizes = [int(a) for a in argv if a not in flags] or [100_000, 1_000_000]
+    fields = [f"backend={backend}"]
+    for n in sizes:
+        r = measure_run(n, {"backend": backend, "precision": precision})
+        largest = max(r["rss_all"].values())
+        print(
+            f"{n:>8} passages, pairs mode, {backend}/{precision}: {r['seconds']:7.1f} s wall, "
+            f"machine peak +{r['peak']:.0f} MB; stage seconds {r['stages']}; "
+            f"(in, out) per stage {r['counts']}; peak RSS per process (MB) {r['rss_all']}",
+            flush=True,
+        )
+        k = f"{n // 1000}k"
+        fields += [
+            f"seconds_{k}={r['seconds']:.0f}",
+            f"peak_mb_{k}={r['peak']:.0f}",
+            f"largest_rss_mb_{k}={largest:.0f}",
+        ]
+    print("scale_pairs " + " ".join(fields))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["pairs"]:
+        pairs(sys.argv[2:])
+        return
     rows = {}
     for n in (10_000, 100_000):
         for search in ("exact", "ann"):
