@@ -399,10 +399,31 @@ class Executor:
                 for p in list(pending):
                     if not overlap or needs & set(p.stage.outputs):
                         self._finish(p, pending, enabled[position:])
+                if overlap:  # else a loading vLLM's spinning threads slow the stage beside it
+                    self._prefetch(enabled[position:], pending)
                 pending.append(self._submit(stage))
             for p in list(pending):
                 self._finish(p, pending, [])
         return sorted(self.runs, key=lambda r: enabled.index(r.stage))
+
+    def _prefetch(self, coming: Sequence[Stage], pending: list[_Pending]) -> None:
+        """Start loading, in the background, the models of coming stages that are sure to have
+        work: their inputs are all made (no stage before them will write them again) and some
+        of their shards are not in the cache. So a model's load (a minute for vLLM on 2 cores)
+        overlaps the stages before it, and a resumed run loads nothing it will not use. Only
+        where stages overlap: on a CPU-only machine the loading engine's threads slowed the
+        stages beside it (the demo on 2 AVX2 cores: 447 s with it against 290 s without)."""
+        made_later = {d for p in pending for d in p.stage.outputs}
+        for stage in coming:
+            wanted = [m for m in stage.models(self.cfg) if m not in self.models.started]
+            needs = set(stage.sharded + stage.whole)
+            known = not needs & made_later and needs - set(stage.optional) <= set(self.datasets)
+            if wanted and known:
+                specs = self._jobs(stage, self._inputs(stage))
+                if any(self.cache.lookup(stage.name, s.fingerprint) is None for s in specs):
+                    for name in wanted:
+                        self.models.prefetch(name)
+            made_later |= set(stage.outputs)
 
     def _submit(self, stage: Stage) -> _Pending:
         start = time.perf_counter()

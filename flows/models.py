@@ -179,6 +179,7 @@ class ModelHost:
         self.started: dict[str, Any] = {}  # name -> handle
         self.load_seconds: dict[str, float] = {}
         self.used: set[str] = set()  # models some job of this run needed
+        self.prefetched: set[str] = set()  # models asked for ahead (see prefetch)
         self._identity: dict[str, dict[str, Any]] = {}
         self.requested_embedding_backend = cfg.embedding.backend
 
@@ -203,7 +204,18 @@ class ModelHost:
             self.started[name] = self._start(name)
         return self.started[name]
 
+    def prefetch(self, name: str) -> None:
+        """Start loading a model a later stage will need, without waiting for it, so that its
+        load overlaps the stages before (once per model; `acquire` then waits for it)."""
+        if name not in self.started and name not in self.prefetched:
+            self.prefetched.add(name)
+            self._prefetch(name)
+
+    def _prefetch(self, name: str) -> None:
+        """A no-op here: local models load on `acquire`."""
+
     def release(self, name: str) -> None:
+        self.prefetched.discard(name)
         handle = self.started.pop(name, None)
         if handle is not None:
             self._stop(name, handle)

@@ -29,6 +29,7 @@ from tasks.llm.engine import engine_env
 from tasks.models import cache_dir
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("tripletforge.progress")
 
 
 @dataclass
@@ -131,6 +132,7 @@ class RayModels(ModelHost):
     def __init__(self, cfg: PipelineConfig):
         super().__init__(cfg)
         self.created: dict[str, list[Any]] = {}  # name -> actors this host started
+        self.loading: dict[str, tuple[ActorHandle, list[Any]]] = {}  # prefetched, not yet used
         self._placement: Placement | None = None
 
     def gpus(self) -> float:
@@ -165,12 +167,37 @@ class RayModels(ModelHost):
             options["num_gpus"] = num_gpus
         return options, cpus if device == "cpu" else 0
 
+    def _prefetch(self, name: str) -> None:
+        if name == "llm" and self.cfg.llm.backend == "openai":
+            return  # nothing to load
+        if name == "embedder":
+            self.identity(name)  # resolves `auto` before the worker loads
+        progress.info("loading the %s in the background", name)
+        self.loading[name] = self._launch(name)
+
+    def close(self) -> None:
+        super().close()
+        for name, (_, actors) in list(self.loading.items()):  # prefetched, never used
+            for actor in actors:
+                shutdown_actor(actor, name)
+        self.loading.clear()
+
     def _start(self, name: str) -> Any:
         if name == "llm" and self.cfg.llm.backend == "openai":
             from tasks.llm.openai_http import OpenAIEngine
 
             OpenAIEngine(self.cfg.llm, check=True).close()  # fail early, with the server's words
             return HTTPLLMHandle(self.cfg.llm)
+        handle, pending = self.loading.pop(name, None) or self._launch(name)
+        # surface load errors here, not mid-stage; engines load side by side
+        infos = ray.get([a.info.remote() for a in pending], timeout=self.cfg.runtime.task_timeout_s)
+        if infos:
+            self.load_seconds[name] = max(i["load_seconds"] for i in infos)
+        self.created.setdefault(name, []).extend(pending)
+        return handle
+
+    def _launch(self, name: str) -> tuple[ActorHandle, list[Any]]:
+        """Create the model's actors (their constructors load the model in the background)."""
         device = self.device(name)
         plan = self.placement()
         if name == "llm":
@@ -201,12 +228,7 @@ class RayModels(ModelHost):
                 .remote(self.cfg, name, device, threads)
             )
             pending.append(actor)
-        # surface load errors here, not mid-stage; engines load side by side
-        infos = ray.get([a.info.remote() for a in pending], timeout=self.cfg.runtime.task_timeout_s)
-        if infos:
-            self.load_seconds[name] = max(i["load_seconds"] for i in infos)
-        self.created.setdefault(name, []).extend(pending)
-        return handle
+        return handle, pending
 
     def _stop(self, name: str, handle: Any) -> None:
         for actor in self.created.pop(name, []):

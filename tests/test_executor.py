@@ -14,6 +14,7 @@ from flows.build import run_local, stages_for
 from flows.cache import StageCache
 from flows.executor import AccountingError, Executor
 from flows.models import LocalModels
+from schemas.tables import REJECTS
 from tasks.io import sha256_file
 from tasks.stage import Outcome, Stage
 from tests.conftest import tiny_config
@@ -58,6 +59,9 @@ class Recording(LocalModels):
     def __init__(self, cfg, events, **given):
         super().__init__(cfg, **given)
         self.events = events
+
+    def _prefetch(self, name):
+        self.events.append(f"prefetch {name}")
 
     def _start(self, name):
         self.events.append(f"start {name}")
@@ -112,7 +116,7 @@ def test_models_start_when_needed_and_stop_after_their_last_stage(tmp_path, embe
     stages = stages_for(cfg)
     names = [s.name for s in stages]
     executor.run(stages)
-    assert events == ["start embedder", "stop embedder"]
+    assert events == ["start embedder", "stop embedder"]  # nothing ahead without overlap
     ran = [r.stage.name for r in executor.runs]
     assert ran == [n for n in names if n in ran]  # in the list's order
     assert "mine" in ran and "embed_queries" in ran
@@ -120,6 +124,44 @@ def test_models_start_when_needed_and_stop_after_their_last_stage(tmp_path, embe
     events.clear()
     Executor(cfg, tmp_path / "runs" / cfg.run_id, Recording(cfg, events, embedder=embedder)).run(
         stages
+    )
+    assert events == []
+
+
+class NeedsTheLLM(Stage):
+    """A stage whose jobs need the LLM (passes the passages' rows on; asks the model nothing)."""
+
+    name = "needs_llm"
+    version = "1"
+    sharded = ("passages",)
+    outputs = ("rejects",)
+
+    def models(self, cfg):
+        return ("llm",)
+
+    def run(self, job):
+        job.write("rejects", REJECTS.empty_table())
+        return Outcome(rows_out=job.read("passages").num_rows)
+
+
+def test_a_later_stages_model_loads_ahead_only_when_that_stage_has_work(tmp_path, embedder):
+    """Where stages overlap (the LLM on a GPU or a server), the LLM of a stage after
+    embed_passages is asked for before the embedder loads (the two load side by side), and a
+    resumed run, whose LLM stage is all in the cache, asks for none."""
+    cfg = pairs_config(tmp_path)
+    stages = stages_for(cfg)
+    stages.insert([s.name for s in stages].index("embed_passages") + 1, NeedsTheLLM())
+    events: list[str] = []
+    given = {"embedder": embedder, "llm": object()}
+    Executor(cfg, tmp_path / "runs" / cfg.run_id, Recording(cfg, events, **given)).run(
+        stages, overlap=True
+    )
+    assert events[:3] == ["prefetch embedder", "prefetch llm", "start embedder"], events
+    assert events.index("start llm") > events.index("start embedder")
+    assert events.count("prefetch llm") == 1
+    events.clear()
+    Executor(cfg, tmp_path / "runs" / cfg.run_id, Recording(cfg, events, **given)).run(
+        stages, overlap=True
     )
     assert events == []
 

@@ -136,3 +136,62 @@ def test_a_run_asking_for_a_gpu_on_a_cpu_cluster_fails_at_once(tmp_path, ray_ses
     with pytest.raises(ResourceError, match="no GPU"):
         run_pipeline(config)
     assert time.perf_counter() - start < 60  # never waits for a GPU that will not come
+
+
+PREFETCH = r"""
+import json, sys, time
+import ray
+sys.path.insert(0, {root!r})
+from flows.workers import RayModels
+from schemas.config import PipelineConfig
+
+class SlowProbe:
+    def __init__(self, cfg, name, device, threads):
+        self.began = time.time()
+        time.sleep(3)  # a model loading
+        self.loaded = time.time()
+    def info(self):
+        return {{"load_seconds": self.loaded - self.began, "began": self.began,
+                 "loaded": self.loaded}}
+    def shutdown(self):
+        pass
+
+ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="tripletforge")
+cfg = PipelineConfig.model_validate({cfg})
+host = RayModels(cfg)
+host.worker_class = SlowProbe
+host.prefetch("llm")  # returns at once: the LLM loads while the embedder is acquired
+asked = time.time()
+handle = host.acquire("embedder")
+embedder = ray.get(ray.get_actor(handle.names[0], namespace="tripletforge").info.remote())
+llm_handle = host.acquire("llm")
+llm = ray.get(ray.get_actor(llm_handle.names[0], namespace="tripletforge").info.remote())
+host.release("llm")
+host.prefetch("llm")  # asked ahead again but never used: close() must stop it
+names = host.loading["llm"][0].names
+host.close()
+left = []
+for n in names:
+    try:
+        ray.get_actor(n, namespace="tripletforge")
+        left.append(n)
+    except ValueError:
+        pass
+print("PREFETCH " + json.dumps({{"embedder": embedder, "llm": llm, "asked": asked,
+                                "left": left}}))
+"""
+
+
+@pytest.mark.slow
+def test_a_prefetched_model_loads_while_another_one_does_and_is_stopped_if_unused():
+    raw = {"input": {"paths": [str(SAMPLE)]}}
+    script = PREFETCH.format(root=str(ROOT), cfg=repr(raw))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    line = [x for x in done.stdout.splitlines() if x.startswith("PREFETCH ")]
+    assert done.returncode == 0 and line, done.stdout[-2000:] + done.stderr[-3000:]
+    out = json.loads(line[0][len("PREFETCH ") :])
+    llm, embedder = out["llm"], out["embedder"]
+    assert llm["began"] < embedder["loaded"]  # the two loads overlapped
+    assert out["left"] == []  # the unused prefetched worker was stopped
