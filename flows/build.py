@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from prefect import flow, get_run_logger
 from prefect_ray import RayTaskRunner
 
@@ -83,23 +84,33 @@ def build_dataset(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
 def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Entry point for the CLI and `ray job submit`: Ray + Prefect set up, the flow run.
 
-    Ray is started by the flow's RayTaskRunner (local, num_cpus from the machine or config), or
-    reused when already initialised (tests, notebooks), or joined at RAY_ADDRESS (ray job submit).
+    Ray is started here (local, num_cpus from the machine or config) while the temporary Prefect
+    server starts, and stopped at the end; or reused when already initialised (tests,
+    notebooks), or joined at RAY_ADDRESS (ray job submit).
     """
     preflight(cfg, output_dir)  # a user error ends here, in seconds, before Ray or Prefect
     run_dir = Path(output_dir or cfg.output.dir) / cfg.run_id
     kwargs = runtime.ray_init_kwargs(cfg)
     address = kwargs.pop("address")
     if address != "local":  # a cluster: join it, check every node sees the output and models
-        import ray
-
         if not ray.is_initialized():
             ray.init(address=address, **kwargs)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         runtime.check_cluster(cfg, str(run_dir.resolve()))
-    runner = RayTaskRunner(address=address, init_kwargs=kwargs)
-    with runtime.prefect_api():
-        result = build_dataset.with_options(task_runner=runner)(cfg, str(run_dir.resolve()))
+    started_ray: list[bool] = []
+
+    def start_local_ray() -> None:
+        if address == "local" and not ray.is_initialized():
+            ray.init(address=address, **kwargs)
+            started_ray.append(True)
+
+    runner = RayTaskRunner(address=address, init_kwargs=kwargs)  # reuses an initialised Ray
+    try:
+        with runtime.prefect_api(while_starting=start_local_ray):
+            result = build_dataset.with_options(task_runner=runner)(cfg, str(run_dir.resolve()))
+    finally:
+        if started_ray:
+            ray.shutdown()
     return run_dir, result
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -63,21 +64,29 @@ def cluster_cpus() -> int:
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str | None]:
+def prefect_api(while_starting: Callable[[], None] | None = None) -> Iterator[str | None]:
     """Use the configured Prefect API, else one temporary server for the whole run.
 
     Without this every Ray worker would start its own ephemeral Prefect server (~8 s each).
+    `while_starting` (starting local Ray) runs in this thread while the server starts in
+    another: the two took ~15 s and ~25 s one after the other on 2 cores.
     The server is left for Prefect to stop at interpreter exit: stopping it here hung ~70 s.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
+        if while_starting is not None:
+            while_starting()
         yield PREFECT_API_URL.value()
         return
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    server.start(timeout=120)
+    with ThreadPoolExecutor(1, thread_name_prefix="prefect-server") as pool:
+        started = pool.submit(server.start, timeout=120)
+        if while_starting is not None:
+            while_starting()
+        started.result()
     with temporary_settings({PREFECT_API_URL: server.api_url}):
         yield server.api_url
 

