@@ -97,20 +97,9 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None) -> tuple[Pa
             ray.init(address=address, **kwargs)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         runtime.check_cluster(cfg, str(run_dir.resolve()))
-    started_ray: list[bool] = []
-
-    def start_local_ray() -> None:
-        if address == "local" and not ray.is_initialized():
-            ray.init(address=address, **kwargs)
-            started_ray.append(True)
-
     runner = RayTaskRunner(address=address, init_kwargs=kwargs)  # reuses an initialised Ray
-    try:
-        with runtime.prefect_api(while_starting=start_local_ray):
-            result = build_dataset.with_options(task_runner=runner)(cfg, str(run_dir.resolve()))
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with runtime.ray_and_prefect_api(address, kwargs):
+        result = build_dataset.with_options(task_runner=runner)(cfg, str(run_dir.resolve()))
     return run_dir, result
 
 

@@ -91,6 +91,25 @@ def prefect_api(while_starting: Callable[[], None] | None = None) -> Iterator[st
         yield server.api_url
 
 
+@contextlib.contextmanager
+def ray_and_prefect_api(address: str, kwargs: dict[str, Any]) -> Iterator[None]:
+    """A local Ray (unless Ray is initialised, or `address` is a cluster's) started while the
+    run's Prefect API starts; the Ray started here is stopped at the end."""
+    started: list[bool] = []
+
+    def start_local_ray() -> None:
+        if address == "local" and not ray.is_initialized():
+            ray.init(address=address, **kwargs)
+            started.append(True)
+
+    try:
+        with prefect_api(while_starting=start_local_ray):
+            yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def check_cluster(cfg: PipelineConfig, output_dir: str) -> int:
     """On a Ray cluster (Ray initialised here): every alive node must see the output folder (a
     file with a random token the driver writes there) and have the models the run loads, or

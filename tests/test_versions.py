@@ -36,18 +36,23 @@ def test_vllm_imports_without_cuda_torchvision():
 
 STARTUP = """
 import json, threading
+import ray
 from prefect.settings import PREFECT_API_URL
-from flows.runtime import prefect_api
+from flows.runtime import ray_and_prefect_api
 
 seen = {}
+real_init = ray.init
 
-def start_ray():
+def init(*args, **kwargs):
     threads = threading.enumerate()
     seen["server_starting"] = any(t.name.startswith("prefect-server") for t in threads)
+    return real_init(*args, **kwargs)
 
-with prefect_api(while_starting=start_ray) as url:
-    seen["url"] = url
+ray.init = init
+with ray_and_prefect_api("local", {"num_cpus": 1, "include_dashboard": False}):
+    seen["ray_inside"] = ray.is_initialized()
     seen["setting"] = PREFECT_API_URL.value()
+seen["ray_after"] = ray.is_initialized()
 print(json.dumps(seen))
 """
 
@@ -55,7 +60,7 @@ print(json.dumps(seen))
 def test_without_a_configured_api_local_ray_starts_while_the_temporary_server_does():
     """run_pipeline's start-up: Ray's start runs in the caller's thread while the run's
     temporary Prefect server starts in another (they took ~21 s one after the other, ~17 s side
-    by side), and the flow then sees that server's URL."""
+    by side); the flow then sees that server's URL, and the Ray started there stops at the end."""
     import json
     import subprocess
     import sys
@@ -74,4 +79,5 @@ def test_without_a_configured_api_local_ray_starts_while_the_temporary_server_do
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["server_starting"] is True
-    assert seen["url"].startswith("http://127.0.0.1:") and seen["setting"] == seen["url"]
+    assert seen["setting"].startswith("http://127.0.0.1:")
+    assert seen["ray_inside"] is True and seen["ray_after"] is False
