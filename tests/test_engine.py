@@ -64,6 +64,31 @@ def test_a_batch_repeats_whatever_ran_before(model_workers):
         assert batch(rows[:12], temperature) == first
 
 
+def test_a_retry_batch_repeats_when_another_shards_batch_ran_before_it(model_workers):
+    """Shards share the engine: another shard's batch can run between a shard's first batch and
+    its retry batch (separate calls). The retry's outputs must not depend on that."""
+    llm, _ = model_workers
+    rows = sample_rows(24)
+    schema = query_json_schema(120)
+
+    def convs(chunk) -> list:
+        return [PROMPTS[style].messages(r["text"]) for r in chunk for style in ("question", "hard")]
+
+    def ask(chunk, retry: bool, temperature: float = 0.8) -> list[str]:
+        c = convs(chunk)
+        sampling = SamplingSettings(48, temperature, 0.95)
+        return [
+            o.text
+            for o in llm.client().chat_json(c, schema, sampling, list(range(len(c))), retry=retry)
+        ]
+
+    ask(rows[:12], retry=False)
+    alone = ask(rows[:6], retry=True)
+    ask(rows[:12], retry=False)
+    ask(rows[12:], retry=False)  # another shard's first batch, in between
+    assert ask(rows[:6], retry=True) == alone
+
+
 def test_embedder_vectors_are_normalized_and_semantic(model_workers):
     import numpy as np
 

@@ -104,8 +104,9 @@ class VLLMEngine:
         VLLM_ENABLE_V1_MULTIPROCESSING=0), so a whole batch is queued before the first step
         instead of racing a core process; and grammars compile synchronously when a request
         is queued, not in a thread that can hold a request back from a step (vLLM does the
-        same for its external launcher, for the same reason). A retry batch keeps the cache
-        its first batch left, which is as repeatable and spares prefilling its prompts again.
+        same for its external launcher, for the same reason). A retry batch empties it too: it
+        is a separate call, and another shard's batch may run between a shard's first batch and
+        its retry (a run from scratch then wrote other queries than the first run).
         Measured on 48 requests, the same batch before and after other batches with the same
         few-shot prompts: 15-18 outputs differed without these, 0 with them, greedy and at
         temperature 0.8, and `benchmarks/generation.py` stayed at pipeline_vs_raw 0.99."""
@@ -163,8 +164,8 @@ class VLLMEngine:
             )
             for seed in seeds
         ]
-        if not retry:  # a retry batch keeps the cache its first batch left: also repeatable
-            self._start_batch(conversations)
+        # a retry batch too: another shard's batch may have run since its first one
+        self._start_batch(conversations)
         outputs = self._llm.chat(conversations, params, use_tqdm=False)
         return [
             Completion(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason)
