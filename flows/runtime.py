@@ -4,6 +4,7 @@ what every Ray worker's environment holds, and one Prefect API for the whole run
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -95,18 +96,13 @@ def prefect_api(while_starting: Callable[[], None] | None = None) -> Iterator[st
 def ray_and_prefect_api(address: str, kwargs: dict[str, Any]) -> Iterator[None]:
     """A local Ray (unless Ray is initialised, or `address` is a cluster's) started while the
     run's Prefect API starts; the Ray started here is stopped at the end."""
-    started: list[bool] = []
-
-    def start_local_ray() -> None:
-        if address == "local" and not ray.is_initialized():
-            ray.init(address=address, **kwargs)
-            started.append(True)
-
+    owns = address == "local" and not ray.is_initialized()
+    start = functools.partial(ray.init, address=address, **kwargs) if owns else None
     try:
-        with prefect_api(while_starting=start_local_ray):
+        with prefect_api(while_starting=start):
             yield
     finally:
-        if started:
+        if owns and ray.is_initialized():
             ray.shutdown()
 
 
