@@ -40,6 +40,7 @@ import numpy as np
 from tasks.hardware import cpu_description, cpu_flags, native_bf16
 from tasks.llm.openai_http import OpenAIEndpoint
 from tasks.memory import return_free_heap
+from tasks.quantize import INT8_RECIPE
 
 if TYPE_CHECKING:
     from schemas.config import EmbeddingConfig
@@ -369,22 +370,16 @@ class OnnxEncoder(LocalEncoder):
         import onnxruntime as ort
 
         from tasks.models import onnx_export_info, prepare_onnx
+        from tasks.quantize import onnx_session
 
         start = time.perf_counter()
         onnx_file = prepare_onnx(model_path, quantize)
         info = onnx_export_info(onnx_file)
         self.tokenizer = TextTokenizer(model_path)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads > 0:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Idle pool threads sleep instead of spinning: the embedder shares its cores with the
-        # shard jobs (and on small machines with the LLM) between calls.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(onnx_file), options, providers=["CPUExecutionProvider"]
-        )
+        # Idle pool threads sleep instead of spinning (the embedder shares its cores with the
+        # shard jobs, and on small machines with the LLM, between calls); on the int8 graph one
+        # fusion that would compute wrong vectors is off (tasks/quantize.py).
+        self.session = onnx_session(onnx_file, threads)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.dim = int(info["dim"])  # type: ignore[call-overload]
         self.model_name = model_name
@@ -834,6 +829,8 @@ def encoder_identity(cfg: EmbeddingConfig, device: str) -> dict[str, Any]:
     }
     if choice.backend == "onnx":
         ident.update(quantize=choice.quantize, runtime={"onnxruntime": _version("onnxruntime")})
+        if choice.quantize:
+            ident["int8_recipe"] = INT8_RECIPE
     if choice.backend in ("onnx", "openvino"):
         ident["export"] = ONNX_EXPORT_VERSION
     if choice.backend == "openvino":

@@ -209,17 +209,31 @@ def test_local_backend_matches_float32_torch(backend, precision, texts, referenc
 
 @pytest.mark.slow
 def test_int8_onnx_is_close_but_not_lossless(texts, reference):
-    """Dynamic int8 (per-channel MatMul weights) on MiniLM reached cosine ~0.977 min / ~0.994
-    mean on these texts and kept most nearest neighbours: below auto's 0.999 rule, so only
-    an explicit `quantize: int8` uses it."""
+    """int8 weights per channel, activations per token (tasks/quantize.py) on MiniLM reached
+    cosine ~0.995 min / ~0.999 mean to float32 on prose (per-tensor activations, ONNX Runtime's
+    default: 0.975 / 0.994): still below auto's 0.999 rule on the worst text, so only an
+    explicit `quantize: int8` uses it."""
     model = load("onnx", "int8")
     assert model.precision == "int8"
     vectors = model.encode(texts, batch_size=16, pad_to_multiple_of=32)
     cosine = (vectors * reference).sum(axis=1)
     same = (nearest(vectors) == nearest(reference)).mean()
     print(f"onnx int8: cosine min {cosine.min():.4f} mean {cosine.mean():.4f}, same nn {same:.3f}")
-    assert cosine.min() >= 0.95 and cosine.mean() >= 0.99, (cosine.min(), cosine.mean())
-    assert same >= 0.85, same
+    assert cosine.min() >= 0.985 and cosine.mean() >= 0.998, (cosine.min(), cosine.mean())
+    assert same >= 0.95, same
+
+
+@pytest.mark.slow
+def test_an_int8_vector_does_not_depend_on_its_batch_mates(texts):
+    """The embedding cache and a resumed run take a text's vector as a function of the text.
+    With one activation scale per batch (ONNX Runtime's dynamic quantization) the same text
+    alone and inside a batch differed by cosine ~0.987; per-token scales make them equal."""
+    model = load("onnx", "int8")
+    alone = np.stack([model.encode([t])[0] for t in texts[:24]])
+    batched = model.encode(texts, batch_size=32, pad_to_multiple_of=32)[:24]
+    with_long_mate = model.encode(texts[:24] + ["many words " * 100], batch_size=32)[:24]
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    np.testing.assert_allclose(with_long_mate, alone, atol=1e-5)
 
 
 @pytest.mark.slow
