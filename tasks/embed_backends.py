@@ -624,7 +624,7 @@ def _choice_key(cfg: EmbeddingConfig, digest: str) -> str:
         "flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
         "cores": os.cpu_count(),
         "precision": cfg.precision,
-        "quantize": cfg.quantize,
+        "quantize": cfg.quantize and f"{cfg.quantize}:{INT8_RECIPE}",
         "libraries": {p: _version(p) for p in ("torch", "onnxruntime", "openvino")},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
