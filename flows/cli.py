@@ -324,9 +324,11 @@ def _run_json(config: Path, output: str | None, overrides: list[str], with_repor
 def prepare_models(force: bool = typer.Option(False, help="Convert again.")) -> None:
     """Convert the bundled SmolLM2 GGUF to a Hugging Face folder (once), check MiniLM and export
     it to ONNX (once: the onnx and openvino backends run it; a run then loads its embedder in
-    ~1 s instead of importing torch, ~15-30 s on 2 cores)."""
+    ~1 s instead of importing torch, ~15-30 s on 2 cores), and let vLLM inspect the LLM's
+    architecture once (cached; ~20 s of a first run's LLM load otherwise)."""
     _quiet_env()
-    from tasks.models import minilm_path, prepare_onnx, prepare_smollm2
+    from tasks.llm.engine import warm_model_info
+    from tasks.models import cache_dir, minilm_path, prepare_onnx, prepare_smollm2
 
     start = time.perf_counter()
     llm = prepare_smollm2(force=force)
@@ -335,6 +337,10 @@ def prepare_models(force: bool = typer.Option(False, help="Convert again.")) -> 
     start = time.perf_counter()
     onnx = prepare_onnx(minilm_path())
     console.print(f"  as ONNX: {onnx}  ({time.perf_counter() - start:.1f} s)")
+    start = time.perf_counter()
+    known = warm_model_info(str(llm), str(cache_dir()))
+    seconds = time.perf_counter() - start
+    console.print(f"vLLM's model info: {', '.join(known) or 'not cached'}  ({seconds:.1f} s)")
 
 
 @app.command()

@@ -296,28 +296,6 @@ def test_the_onnx_export_is_made_once_and_keyed_by_the_weights():
 
 
 @pytest.mark.slow
-def test_prepare_models_exports_the_embedder_to_onnx(tmp_path):
-    """`make models` leaves the ONNX export in the cache, so a run's onnx embedder (the demo's)
-    does not export, or import torch, while the run waits. SmolLM2 is linked in prepared."""
-    import subprocess
-    import sys
-
-    from tasks.models import smollm2_hf_path
-
-    cache = tmp_path / "cache"
-    (cache / "models").mkdir(parents=True)
-    smollm2_hf_path(cache).symlink_to(smollm2_hf_path())
-    env = {**os.environ, "TRIPLETFORGE_CACHE": str(cache)}
-    cli = os.path.join(os.path.dirname(sys.executable), "tripletforge")
-    done = subprocess.run(
-        [cli, "prepare-models"], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    export = onnx_export_dir(minilm_path(), cache) / "model.onnx"
-    assert export.exists() and "as ONNX" in done.stdout
-
-
-@pytest.mark.slow
 def test_the_onnx_embedder_loads_without_torch():
     """What makes the onnx backend's worker start in ~1 s: neither torch nor transformers is
     imported to load the export and embed (sentence-transformers' import alone is 15-30 s on 2

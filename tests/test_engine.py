@@ -1,6 +1,9 @@
 """The real vLLM engine (SmolLM2 on CPU) behind the session's LLM worker."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -106,3 +109,38 @@ def test_embedder_vectors_are_normalized_and_semantic(model_workers):
     assert vecs.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-4)
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.2
+
+
+def test_prepare_models_leaves_what_a_run_would_wait_for(tmp_path):
+    """`make models` (tripletforge prepare-models) leaves the embedder's ONNX export and vLLM's
+    answer about the LLM's architecture in the cache, and vLLM reads that answer instead of
+    inspecting the model in a subprocess (~21 s of a first LLM load on 2 cores). SmolLM2 is
+    linked in prepared, so nothing is converted again."""
+    from tasks.models import minilm_path, onnx_export_dir, smollm2_hf_path
+
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    smollm2_hf_path(cache).symlink_to(smollm2_hf_path())
+    env = {**os.environ, "TRIPLETFORGE_CACHE": str(cache)}
+    cli = os.path.join(os.path.dirname(sys.executable), "tripletforge")
+    done = subprocess.run(
+        [cli, "prepare-models"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (onnx_export_dir(minilm_path(), cache) / "model.onnx").exists()
+    assert "model info: LlamaForCausalLM" in done.stdout, done.stdout
+    # vLLM asked in a fresh process, with its inspection subprocess made to fail: it answers,
+    # so it read the cached answer
+    ask = (
+        "from vllm.model_executor.models import registry\n"
+        "def no_subprocess(fn):\n"
+        "    raise SystemExit('vLLM inspected the model again')\n"
+        "registry._run_in_subprocess = no_subprocess\n"
+        "info = registry.ModelRegistry._try_inspect_model_cls('LlamaForCausalLM')\n"
+        "assert info is not None and info.is_text_generation_model\n"
+    )
+    env["VLLM_CACHE_ROOT"] = str(cache / "vllm")
+    asked = subprocess.run(
+        [sys.executable, "-c", ask], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert asked.returncode == 0, asked.stderr[-2000:]
