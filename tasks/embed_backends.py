@@ -370,16 +370,22 @@ class OnnxEncoder(LocalEncoder):
         import onnxruntime as ort
 
         from tasks.models import onnx_export_info, prepare_onnx
-        from tasks.quantize import onnx_session
 
         start = time.perf_counter()
         onnx_file = prepare_onnx(model_path, quantize)
         info = onnx_export_info(onnx_file)
         self.tokenizer = TextTokenizer(model_path)
-        # Idle pool threads sleep instead of spinning (the embedder shares its cores with the
-        # shard jobs, and on small machines with the LLM, between calls); on the int8 graph one
-        # fusion that would compute wrong vectors is off (tasks/quantize.py).
-        self.session = onnx_session(onnx_file, threads)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle pool threads sleep instead of spinning: the embedder shares its cores with the
+        # shard jobs (and on small machines with the LLM) between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(onnx_file), options, providers=["CPUExecutionProvider"]
+        )
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.dim = int(info["dim"])  # type: ignore[call-overload]
         self.model_name = model_name

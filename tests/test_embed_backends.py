@@ -296,6 +296,24 @@ def test_the_onnx_export_is_made_once_and_keyed_by_the_weights():
 
 
 @pytest.mark.slow
+def test_an_int8_graph_below_the_check_is_not_published(tmp_path, monkeypatch):
+    """The int8 graph is run against float32 before it is published (a symmetric variant of the
+    rewrite once gave cosine 0.34 under full graph optimizations): one below the floor (here a
+    floor no int8 graph reaches) is refused and leaves no file; at the real floor it is kept."""
+    pytest.importorskip("onnxruntime")
+    import tasks.quantize
+    from tasks.models import quantize_onnx_int8
+
+    source = prepare_onnx(minilm_path())
+    monkeypatch.setattr(tasks.quantize, "MIN_CHECK_COSINE", 0.99999)
+    with pytest.raises(ValueError, match="not published"):
+        quantize_onnx_int8(source, tmp_path / "refused.onnx", minilm_path())
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert quantize_onnx_int8(source, tmp_path / "kept.onnx", minilm_path()).exists()
+
+
+@pytest.mark.slow
 def test_the_onnx_embedder_loads_without_torch():
     """What makes the onnx backend's worker start in ~1 s: neither torch nor transformers is
     imported to load the export and embed (sentence-transformers' import alone is 15-30 s on 2
