@@ -329,9 +329,9 @@ class EmbeddingConfig(_Section):
         default=None,
         description="onnx backend (and auto's onnx candidate): int8 weights per channel and "
         "int8 activations per token (tasks/quantize.py: a text's vector does not depend on its "
-        "batch), ~1.3-1.4x faster than float32 ONNX on a CPU with VNNI. Not lossless: on MiniLM "
-        "its vectors reached cosine ~0.992 min / 0.999 mean to float32, below auto's 0.999 rule "
-        "on the worst texts.",
+        "batch), 1.47x float32 ONNX in benchmarks/mining.py on a CPU with VNNI. Not lossless: "
+        "on MiniLM its vectors reached cosine ~0.992 min / 0.999 mean to float32, below auto's "
+        "0.999 rule on the worst texts.",
     )
     max_batch_tokens: int | None = Field(
         default=None,
