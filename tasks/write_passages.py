@@ -105,7 +105,8 @@ def generate_passages(
     if not requests:
         return GENERATED.empty_table(), REJECTS.empty_table(), {"requests": 0}
     schema = passage_json_schema(MAX_PASSAGE_CHARS)
-    sampling = SamplingSettings(cfg.max_passage_tokens, cfg.temperature, cfg.top_p)
+    temperature = cfg.temperature if cfg.passage_temperature is None else cfg.passage_temperature
+    sampling = SamplingSettings(cfg.max_passage_tokens, temperature, cfg.top_p)
     outcomes, stats = run_with_retries(
         requests,
         engine,
@@ -158,6 +159,7 @@ class WritePassagesStage(Stage):
                 "negative_levels", "max_passage_tokens", "max_passage_chars", "temperature",
                 "top_p", "seed", "max_copy_ratio", "max_repeated_trigrams", "same_script",
                 "language_min_odds", "retries", "retry_temperature", "max_written_queries",
+                "passage_temperature",
             },
         )  # fmt: skip
         return [generation, cfg.grading.model_dump(mode="json"), PASSAGE_PROMPT.version]

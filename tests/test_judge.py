@@ -309,3 +309,12 @@ def test_generate_passages_one_per_query_and_level_with_provenance():
     assert stats["requests"] == 4 == rows.num_rows + rejects.num_rows
     first = engine.calls[0]["conversations"][0][-1]["content"]
     assert "what is a heap" in first and LEVELS[2] in first and POSITIVE in first
+    assert engine.calls[0]["sampling"].temperature == 0.7  # passage_temperature, not greedy
+
+
+def test_written_passages_follow_the_query_temperature_when_asked():
+    queries = pa.table({"query_id": ["q1"], "passage_id": ["p"], "query": ["what is a heap"]})
+    cfg = GenerationConfig(negative_levels=[1], retries=0, passage_temperature=None)
+    engine = ScriptedEngine([done({"passage": "A stack is last in, first out, with push."})])
+    generate_passages(queries, {"p": POSITIVE}, cfg, GradingConfig(), engine)
+    assert engine.calls[0]["sampling"].temperature == cfg.temperature == 0.0
