@@ -5,6 +5,7 @@ there, named by the process that runs it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -70,6 +71,21 @@ def working_jobs(cache: Path, stage: str) -> list[int]:
 
 def committed(cache: Path, stage: str) -> int:
     return len(list((cache / stage).glob("*/entry.json")))
+
+
+def kill_everything(proc: subprocess.Popen) -> None:
+    """SIGKILL the CLI and every process it started, and wait until all are gone. Ray puts each
+    worker in a process group of its own, so killing the CLI's group leaves workers that exit only
+    when they notice their raylet is gone; one of them may still commit a shard meanwhile. What the
+    killed run left is counted after that."""
+    started = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, f"still running after SIGKILL: {alive}"
 
 
 def manifest(tmp: Path, name: str) -> dict:
@@ -157,8 +173,7 @@ def test_a_killed_cli_mid_generation_resumes_with_only_the_missing_shards(tmp_pa
     proc = start_run(tmp_path, config)
     try:
         wait_for(lambda: committed(cache, "generate") >= 1, 600, "a generate shard", poll=0.2)
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and everything it started
-        proc.wait(timeout=60)
+        kill_everything(proc)
     finally:
         stop(proc)
     done_before = committed(cache, "generate")
