@@ -49,6 +49,12 @@ class InputConfig(_Section):
     id_column: str | None = Field(
         default=None, description="User id column; kept as `source_id`, never used as passage_id."
     )
+    document_column: str | None = Field(
+        default=None,
+        description="Rows with the same value here were cut from one document (chunks of a page): "
+        "kept as `document_id`; a passage of the positive's own document is never its negative "
+        "(`same_document`). In pairs mode it is read from the pairs and the corpus files.",
+    )
     metadata_columns: list[str] = Field(
         default_factory=list, description="Extra columns kept as-is in a JSON `metadata` column."
     )

@@ -11,6 +11,7 @@ IS_POSITIVE = "is_positive"
 OTHER_POSITIVE = "other_positive"  # another known positive of the same (or a near-identical) query
 DUPLICATE_OF_POSITIVE = "duplicate_of_positive"
 SEMANTIC_DUPLICATE = "semantic_duplicate_of_positive"
+SAME_DOCUMENT = "same_document"  # cut from the positive's own document (input.document_column)
 OUTSIDE_RANK_RANGE = "outside_rank_range"
 ABOVE_POSITIVE_RATIO = "above_positive_ratio"
 WITHIN_MARGIN = "within_margin"
@@ -27,6 +28,7 @@ CANDIDATE_REASONS = (
     OTHER_POSITIVE,
     DUPLICATE_OF_POSITIVE,
     SEMANTIC_DUPLICATE,
+    SAME_DOCUMENT,
     OUTSIDE_RANK_RANGE,
     ABOVE_POSITIVE_RATIO,
     WITHIN_MARGIN,

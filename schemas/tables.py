@@ -13,6 +13,8 @@ PASSAGES = pa.schema(
         pa.field("row", pa.int64(), nullable=False),
         pa.field("source_id", pa.string()),
         pa.field("metadata", pa.string()),  # JSON object of the user's extra columns
+        # `input.document_column`: passages cut from one document (never each other's negatives)
+        pa.field("document_id", pa.string()),
     ]
 )
 

@@ -72,7 +72,7 @@ def _preview(value: Any, n: int) -> str | None:
 
 def wanted_columns(cfg: InputConfig) -> list[str]:
     texts = [cfg.query_column, cfg.positive_column] if cfg.mode == "pairs" else [cfg.text_column]
-    cols = [*texts, cfg.title_column, cfg.id_column, *cfg.metadata_columns]
+    cols = [*texts, cfg.title_column, cfg.id_column, cfg.document_column, *cfg.metadata_columns]
     return [c for c in dict.fromkeys(cols) if c]
 
 
@@ -139,6 +139,9 @@ def _passage_row(rec: Good, text: str, source: str, cfg: InputConfig) -> dict[st
         "row": rec.row,
         "source_id": _optional_str(rec.values.get(cfg.id_column)) if cfg.id_column else None,
         "metadata": json.dumps(meta, default=str, ensure_ascii=False) if meta else None,
+        "document_id": _optional_str(rec.values.get(cfg.document_column))
+        if cfg.document_column
+        else None,
     }
 
 

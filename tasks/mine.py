@@ -10,7 +10,8 @@ they apply in this order, to both origins unless said otherwise:
     is_positive, other_positive (a known positive of the same query text, or of a near-identical
       query), duplicate_of_positive (in the positive's duplicate cluster with shingle Jaccard
       >= duplicate_similarity; a written passage measured against the positive directly),
-      semantic_duplicate_of_positive (embedding cosine to the positive, with semantic dedup)
+      semantic_duplicate_of_positive (embedding cosine to the positive, with semantic dedup),
+      same_document (cut from the positive's own document, with `input.document_column`)
     -> rank among the mined rest -> outside_rank_range (mined only)
     -> above_positive_ratio, within_margin, above_max_score
     -> on what is left, text rules: duplicate_of_positive (the positive's words in any order:
@@ -273,6 +274,35 @@ def mark_known_positives(
     return out.with_columns(pl.col("other_positive").fill_null(False))
 
 
+def mark_same_document(df: pl.DataFrame, documents: pl.DataFrame | None) -> pl.DataFrame:
+    """`same_document`: the candidate and its positive were cut from one document
+    (`documents`: passage_id -> document_id; passages without one belong to none)."""
+    if documents is None or documents.is_empty():
+        return df.with_columns(pl.lit(False).alias("same_document"))
+    doc = documents.select("passage_id", "document_id").drop_nulls().unique("passage_id")
+    of_positive = doc.rename({"passage_id": "positive_id", "document_id": "positive_document"})
+    return (
+        df.join(doc, on="passage_id", how="left", maintain_order="left")
+        .join(of_positive, on="positive_id", how="left", maintain_order="left")
+        .with_columns(
+            (pl.col("document_id") == pl.col("positive_document"))
+            .fill_null(False)
+            .alias("same_document")
+        )
+        .drop("document_id", "positive_document")
+    )
+
+
+def largest_document(documents: pl.DataFrame | None, corpus_ids: list[str]) -> int:
+    """Passages of the corpus in its largest document (1 without documents)."""
+    if documents is None or documents.is_empty():
+        return 1
+    inside = documents.drop_nulls("document_id").filter(
+        pl.col("passage_id").is_in(pl.Series(corpus_ids).implode())
+    )
+    return int(inside.group_by("document_id").len()["len"].max() or 1)
+
+
 def filter_candidates(
     cands: pl.DataFrame,
     clusters: pl.DataFrame,
@@ -282,6 +312,7 @@ def filter_candidates(
     known_positives: pl.DataFrame | None = None,
     query_text: pl.DataFrame | None = None,
     semantic_threshold: float | None = None,
+    documents: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Add rank, `cluster_similarity` and the first exclusion or score rule that removes each
     candidate (`reason`, null for a survivor); see the module docstring for the order."""
@@ -290,6 +321,7 @@ def filter_candidates(
     lookup = _as_lookup(text_of)
     df = with_sibling_similarity(with_clusters(cands, clusters), lookup, shingle_size)
     df = mark_known_positives(df, known_positives, query_text)
+    df = mark_same_document(df, documents)
     df = df.sort(
         ["query_id", pl.col("origin") != "mined", "score", "passage_id"],
         descending=[False, False, True, False],
@@ -310,6 +342,7 @@ def filter_candidates(
                 if semantic_threshold is not None and "positive_similarity" in df.columns
                 else None,
             ),
+            (R.SAME_DOCUMENT, pl.col("same_document")),
         ]
     )
     df = df.with_columns(exclusion.alias("reason"))
@@ -654,6 +687,7 @@ def mine_negatives(
     judge: JudgeStep | None = None,
     generated: pa.Table | None = None,
     generated_vectors: np.ndarray | None = None,
+    documents: pl.DataFrame | None = None,
 ) -> MiningResult:
     """The whole stage for one shard of queries (query_id, passage_id = positive[, query]).
 
@@ -661,7 +695,8 @@ def mine_negatives(
     written ones), as a dict or a lookup function; `known_positives`: (query, passage_id) of
     every known positive of every query text (`tasks.pairs.positives_by_query`), or
     (query_id, passage_id) pairs; `generated` (with `generated_vectors`): passages the LLM wrote
-    for these queries. See the module docstring for the order of the rules."""
+    for these queries; `documents`: (passage_id, document_id) of passages cut from one document.
+    See the module docstring for the order of the rules."""
     qids = queries.column("query_id").to_pylist()
     pids = queries.column("passage_id").to_pylist()
     lookup = _with_written(_as_lookup(texts), generated)
@@ -685,9 +720,10 @@ def mine_negatives(
     # A generic query text shared by many passages must not widen every query's search:
     # beyond max_rank, its extra known positives may shrink its own rank window instead.
     most_known = min(most_known, cfg.max_rank)
-    # Room for the positive, its whole duplicate cluster and its other known positives on top
-    # of the rank window.
-    k = min(len(corpus_ids), cfg.max_rank + largest_cluster + most_known + 1)
+    # Room for the positive, its whole duplicate cluster, its other known positives and the rest
+    # of its document on top of the rank window (each extra bounded like most_known).
+    same_doc = min(largest_document(documents, corpus_ids) - 1, cfg.max_rank)
+    k = min(len(corpus_ids), cfg.max_rank + largest_cluster + most_known + same_doc + 1)
     cands = retrieve_candidates(
         qids,
         pids,
@@ -725,6 +761,7 @@ def mine_negatives(
         known_positives,
         query_text,
         semantic_threshold,
+        documents,
     )
     df = apply_text_rules(df, cfg, lookup, query_text)
     df = df.with_columns(
@@ -793,6 +830,7 @@ class MineStage(Stage):
             consistency_top_k(cfg),
             cfg.judge.model_dump(mode="json") if cfg.judge.enabled else None,
             cfg.grading.model_dump(mode="json") if cfg.judge.enabled else None,
+            cfg.input.document_column is not None,
         ]
 
     def models(self, cfg: PipelineConfig) -> tuple[str, ...]:
@@ -839,6 +877,11 @@ class MineStage(Stage):
             known = pl.concat([known, extra]).unique()
         corpus_ids, corpus = table_to_matrix(job.read("embeddings.passages"))
         clusters = job.read("clusters")
+        documents = (
+            pl.from_arrow(job.read("passages", columns=["passage_id", "document_id"]))
+            if cfg.input.document_column
+            else None
+        )
 
         def passage_text(ids: list[str]) -> dict[str, str]:
             if not ids:
@@ -887,6 +930,7 @@ class MineStage(Stage):
             judge=judge,
             generated=gen_table,
             generated_vectors=gen_vecs,
+            documents=documents,
         )
         cands = result.candidates
         job.write("candidates", cands)

@@ -354,3 +354,26 @@ def test_a_rescorer_replaces_scores_and_the_filters_use_them():
     assert row["score"].item() == pytest.approx(0.2) and row[
         "retrieval_score"
     ].item() == pytest.approx(0.7)
+
+
+def test_passages_of_the_positives_own_document_are_never_its_negatives():
+    # n0 and n1 were cut from the positive's page, n2 from another page, n3 from none; the
+    # rank window (max_rank 2) is counted after them, so two negatives from other pages remain
+    ids = ["pos"] + [f"n{i}" for i in range(5)]
+    documents = pl.DataFrame(
+        {
+            "passage_id": ["pos", "n0", "n1", "n2", "n3", "n4"],
+            "document_id": ["page-a", "page-a", "page-a", "page-b", None, "page-b"],
+        }
+    )
+    cfg = MiningConfig(max_positive_ratio=None, max_rank=2, num_negatives=2)
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    queries = pa.table({"query_id": ["q"], "passage_id": ["pos"]})
+    args = (queries, QUERY, ids, corpus_with_scores(scores), CLUSTERS.empty_table(), cfg)
+    df = pl.from_arrow(mine_negatives(*args, documents=documents).candidates)
+    assert reason_of(df, "n0") == reason_of(df, "n1") == "same_document"
+    assert kept_ids(df) == ["n2", "n3"]
+    assert df.filter(pl.col("passage_id") == "n2")["rank"].item() == 0
+    # without documents the same corpus gives the positive's own page as its hardest negatives
+    plain = pl.from_arrow(mine_negatives(*args).candidates)
+    assert kept_ids(plain) == ["n0", "n1"]

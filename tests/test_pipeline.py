@@ -329,17 +329,25 @@ def test_pairs_mode_runs_every_stage_but_generation(tmp_path, model_workers, pre
     pairs = [
         {"query": "how do I write an object as JSON to a file", "positive": rows[1]["text"]},
         {"query": "how do I write an object as JSON to a file", "positive": rows[3]["text"]},
-        {"query": "how do I read JSON from a file", "positive": rows[2]["text"]},
+        {"query": "how do I read JSON from a file", "positive": rows[2]["text"], "doc": "json"},
         {"query": "parse a CSV file", "positive": rows[4]["text"]},
         {"query": None, "positive": rows[5]["text"]},  # rejected
     ]
-    corpus = [{"text": r["text"]} for r in rows[6:40]] + [{"text": rows[4]["text"].upper()}]
+    # two more passages cut from the JSON positive's page: its halves (too loose for duplicates)
+    words = rows[2]["text"].split()
+    halves = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])]
+    corpus = (
+        [{"text": r["text"], "doc": f"page-{i}"} for i, r in enumerate(rows[6:40])]
+        + [{"text": rows[4]["text"].upper()}]
+        + [{"text": f"{half} (more on this page)", "doc": "json"} for half in halves]
+    )
     cfg = tiny_config(
         tmp_path,
         write_jsonl(tmp_path / "pairs.jsonl", pairs),
         input={
             "mode": "pairs",
             "title_column": None,
+            "document_column": "doc",
             "corpus_paths": [str(write_jsonl(tmp_path / "corpus.jsonl", corpus))],
         },
         mining={"num_negatives": 3, "max_rank": 20},
@@ -349,7 +357,7 @@ def test_pairs_mode_runs_every_stage_but_generation(tmp_path, model_workers, pre
     assert manifest.unbalanced_stages() == []
     assert "llm" not in manifest.models  # pairs mode without the judge: no LLM
     st = manifest.stages
-    assert st["ingest"].rows_in == 5 + 35 and st["ingest"].rejected == 1
+    assert st["ingest"].rows_in == 5 + 37 and st["ingest"].rejected == 1
     assert st["dedup"].deduplicated == 1  # the upper-cased copy of a positive
     assert "generate" not in st
     assert st["pairs"].rows_in == 4 and st["pairs"].rows_out == 4
@@ -363,6 +371,24 @@ def test_pairs_mode_runs_every_stage_but_generation(tmp_path, model_workers, pre
         row = candidates.filter((pl.col("query_id") == q) & (pl.col("passage_id") == other))
         assert row.height == 0 or row["reason"].to_list() == ["other_positive"]
     assert (candidates.filter(pl.col("reason") == "other_positive").height) >= 1
+    # the halves of the JSON page are candidates of its query (they share its words), never kept
+    passages = pl.read_parquet(run_dir / "passages" / "*.parquet")
+    page = passages.filter(pl.col("document_id") == "json")
+    assert page.height == 3  # the positive and its two halves
+    assert passages["document_id"].null_count() == 3  # two pairs and the CSV positive's copy
+    json_row = queries.filter(pl.col("query") == "how do I read JSON from a file")
+    json_query, json_positive = json_row["query_id"].item(), json_row["passage_id"].item()
+    halves_rows = candidates.filter(
+        (pl.col("query_id") == json_query)
+        & pl.col("passage_id").is_in(page["passage_id"].implode())
+        & (pl.col("passage_id") != json_positive)
+    )
+    assert halves_rows.height == 2
+    assert halves_rows["reason"].to_list() == ["same_document"] * 2
+    # passages of other pages stay eligible: the query still has its negatives
+    kept = candidates.filter((pl.col("query_id") == json_query) & pl.col("kept"))
+    assert kept.height == 3
+    assert manifest.stages["mine"].extra["filtered"].get("same_document") == 2
     triplets = pl.read_parquet(run_dir / "triplets" / "*.parquet")
     assert set(triplets["style"]) == {"given"}
 
