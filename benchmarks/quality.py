@@ -6,29 +6,35 @@ this machine's OS packages (benchmarks/manpages.py). A page's NAME description i
 eval by connected components of (query text, near-duplicate document cluster), so no query text
 and no near-copy of a document is on both sides; about a thousand eval queries.
 
-Every method gets the same training pairs and the same mining corpus (the training documents),
-and produces negatives for them:
+Every method gets the same training pairs and the same mining corpus, and produces negatives for
+them. The mining corpus is chunked as real corpora are: the training documents (each page's first
+chunk, the positive) and the further chunks of the same pages' DESCRIPTION. A later chunk of the
+positive's own page often answers the query too: the false negative a real corpus has.
 
-- `random`: three random training documents per query;
+- `random`: three random passages of the mining corpus per query;
 - `st_mined`: `mine_hard_negatives` with its defaults (3 hardest, no filter);
 - `st_margin`: `mine_hard_negatives(relative_margin=0.05)` (NV-Retriever's 95% rule);
 - `tripletforge`: this pipeline in pairs mode with its defaults (`tripletforge run` on the
-  pairs, Prefect + Ray, split.eval_fraction 0); its FlagEmbedding export is what is trained on;
+  pairs, Prefect + Ray, split.eval_fraction 0), told which page each chunk is from
+  (`input.document_column`); its FlagEmbedding export is what is trained on;
+- `tf_no_document`: the same without `input.document_column` (what the page column buys);
 - `tf_simans`: the same with `mining.sampling_strategy: simans`;
 - `tf_written`: the same with passages written by the bundled LLM at grade 1 ("same topic,
   does not answer") for the first `--written` queries, through the same false-negative gate;
-- `tf_nv95`: the defaults before this benchmark tuned them (`max_positive_ratio` 0.95,
-  NV-Retriever's rule, and 4 negatives; now 1.1 and 3).
+- `tf_nv95` (only with `--only`): the defaults before this benchmark tuned them
+  (`max_positive_ratio` 0.95, NV-Retriever's rule, and 4 negatives; now 1.1 and 3).
 
 Then, for each method and seed, all-MiniLM-L6-v2 is fine-tuned for the same number of steps
 (one pass over the training pairs at batch 32) with sentence-transformers'
 MultipleNegativesRankingLoss, one of the query's negatives per step (in-batch negatives too);
-a method that drops a query trains on what it kept. Word embeddings are frozen and texts cut
-at 96 tokens to fit a 2-core CPU. nDCG@10 of the eval queries against the whole corpus
-(train and eval documents) is reported per seed, with the untuned model as `base`.
+a method that drops a query trains on what it kept. Word embeddings and the lower 3 of the 6
+layers are frozen and texts cut at 64 tokens (350 characters) to fit a 2-core CPU. nDCG@10 of
+the eval queries against the evaluation corpus (every page's first chunk, train and eval) is
+reported per seed, with the untuned model as `base`.
 
 Data checks beside it, on the base model's scores: the share of negatives that are a near copy
-of their positive (shingle Jaccard >= 0.9) and the share scoring above their positive.
+of their positive (shingle Jaccard >= 0.9), from the positive's own page, and scoring above
+their positive.
 
 Last line: `quality base=B random=R st_mined=S tripletforge=T` (means over seeds).
 Usage: .venv/bin/python benchmarks/quality.py [--seeds 0,1] [--written 128] [--only a,b]
@@ -68,8 +74,10 @@ from tasks.models import minilm_path  # noqa: E402
 from tasks.text import fold_many, jaccard, shingle_sets  # noqa: E402
 
 WORK = ROOT / ".cache" / "quality"
-DOC_CHARS = 500  # ~96 tokens: what the trainer and the evaluation see
-MAX_TOKENS = 96
+DOC_CHARS = 350  # ~64 tokens: one chunk, what the trainer and the evaluation see
+MIN_CHUNK_CHARS = 100  # a shorter tail of a page is not a chunk of its own
+MAX_TOKENS = 64
+FROZEN_LAYERS = 3  # of MiniLM's 6: half the backward pass
 BATCH = 32
 LR = 5e-5
 N_EVAL = 1000
@@ -80,8 +88,22 @@ def cut(text: str) -> str:
     return text if len(text) <= DOC_CHARS else text[:DOC_CHARS].rsplit(" ", 1)[0]
 
 
+def chunks(text: str) -> list[str]:
+    """`text` in consecutive chunks of at most DOC_CHARS, cut at word boundaries."""
+    out, rest = [], text.strip()
+    while rest:
+        piece = cut(rest)
+        if not piece:  # one word longer than a chunk
+            piece = rest[:DOC_CHARS]
+        if len(piece) >= MIN_CHUNK_CHARS or not out:
+            out.append(piece)
+        rest = rest[len(piece) :].strip()
+    return out
+
+
 def build_dataset() -> pl.DataFrame:
-    """(query, doc, split) pairs; documents deduplicated by folded text."""
+    """(page, query, doc, more, split): `doc` is the page's first chunk, `more` its further
+    chunks; pages deduplicated by the folded first chunk."""
     pages = list(iter_pages())
     if len(pages) < 1500:
         raise SystemExit(
@@ -92,7 +114,8 @@ def build_dataset() -> pl.DataFrame:
         {
             "page": [p.name for p in pages],
             "query": [p.query for p in pages],
-            "doc": [cut(p.document) for p in pages],
+            "doc": [chunks(p.document)[0] for p in pages],
+            "more": [chunks(p.document)[1:] for p in pages],
         }
     )
     df = df.with_columns(pl.Series("key", fold_many(df["doc"].to_list())))
@@ -121,13 +144,21 @@ def build_dataset() -> pl.DataFrame:
 # --- methods ------------------------------------------------------------------------------------
 
 
-def random_negatives(train: pl.DataFrame, seed: int = 0) -> list[list[str]]:
+def mining_corpus(train: pl.DataFrame) -> pl.DataFrame:
+    """(text, page): the training pages' first chunks, then their further chunks."""
+    first = train.select(pl.col("doc").alias("text"), "page")
+    more = train.select("page", "more").explode("more").drop_nulls("more")
+    return pl.concat([first, more.select(pl.col("more").alias("text"), "page")]).unique(
+        "text", keep="first", maintain_order=True
+    )
+
+
+def random_negatives(train: pl.DataFrame, corpus: list[str], seed: int = 0) -> list[list[str]]:
     rng = random.Random(seed)
-    docs = train["doc"].to_list()
-    return [[d for d in rng.sample(docs, 4) if d != pos][:3] for pos in docs]
+    return [[d for d in rng.sample(corpus, 4) if d != pos][:3] for pos in train["doc"]]
 
 
-def st_negatives(train: pl.DataFrame, model, **kwargs) -> list[list[str]]:
+def st_negatives(train: pl.DataFrame, corpus: list[str], model, **kwargs) -> list[list[str]]:
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
@@ -135,7 +166,7 @@ def st_negatives(train: pl.DataFrame, model, **kwargs) -> list[list[str]]:
         {"query": train["query"].to_list(), "positive": train["doc"].to_list()}
     )
     out = mine_hard_negatives(
-        data, model, corpus=train["doc"].to_list(), output_format="n-tuple", verbose=False, **kwargs
+        data, model, corpus=corpus, output_format="n-tuple", verbose=False, **kwargs
     )
     found: dict[tuple[str, str], list[str]] = {}
     for row in out:
@@ -145,23 +176,31 @@ def st_negatives(train: pl.DataFrame, model, **kwargs) -> list[list[str]]:
 
 
 def pipeline_negatives(
-    train: pl.DataFrame, name: str, overrides: dict
+    train: pl.DataFrame, chunks_table: pl.DataFrame, name: str, overrides: dict
 ) -> tuple[list[list[str]], dict]:
-    """Run the pipeline in pairs mode on the training pairs; its FlagEmbedding export's
-    negatives per pair, and the manifest."""
+    """Run the pipeline in pairs mode on the training pairs, with the pages' further chunks as
+    `corpus_paths`; its FlagEmbedding export's negatives per pair, and the manifest."""
     from flows.build import run_pipeline
     from schemas.config import PipelineConfig
 
-    pairs = WORK / "train-pairs.jsonl"
+    pairs, corpus = WORK / "train-pairs.jsonl", WORK / "train-chunks.jsonl"
     pairs.write_text(
         "".join(
-            json.dumps({"query": q, "positive": d}) + "\n"
-            for q, d in train.select("query", "doc").iter_rows()
+            json.dumps({"query": q, "positive": d, "page": p}) + "\n"
+            for q, d, p in train.select("query", "doc", "page").iter_rows()
         )
+    )
+    corpus.write_text(
+        "".join(json.dumps({"text": t, "page": p}) + "\n" for t, p in chunks_table.iter_rows())
     )
     raw = {
         "name": f"quality-{name}",
-        "input": {"mode": "pairs", "paths": [str(pairs)]},
+        "input": {
+            "mode": "pairs",
+            "paths": [str(pairs)],
+            "corpus_paths": [str(corpus)],
+            "document_column": "page",
+        },
         "split": {"eval_fraction": 0.0},
         "output": {"dir": str(WORK / "runs")},
     }
@@ -179,8 +218,11 @@ def pipeline_negatives(
 
 METHODS = {
     "tripletforge": {},
+    "tf_no_document": {"input.document_column": None},
     "tf_simans": {"mining.sampling_strategy": "simans"},
     "tf_written": {"generation.negative_levels": [1]},
+}
+OPTIONAL = {
     # the defaults before they were tuned by this benchmark: NV-Retriever's 95% rule, 4 negatives
     "tf_nv95": {"mining.max_positive_ratio": 0.95, "mining.num_negatives": 4},
 }
@@ -244,8 +286,10 @@ def fine_tune(
         rng.shuffle(order)
         batches += [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
     batches = batches[:steps]
-    for p in model[0].auto_model.embeddings.parameters():
-        p.requires_grad = False
+    bert = model[0].auto_model
+    for module in [bert.embeddings, *bert.encoder.layer[:FROZEN_LAYERS]]:
+        for p in module.parameters():
+            p.requires_grad = False
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     warmup = max(1, steps // 10)
@@ -273,16 +317,23 @@ def fine_tune(
     return float(np.mean(losses[-10:]))
 
 
-def data_checks(model, train: pl.DataFrame, negatives: list[list[str]]) -> dict[str, float]:
-    """Share of negatives that copy their positive, and that score above it (base model)."""
+def data_checks(
+    model, train: pl.DataFrame, negatives: list[list[str]], page_of: dict[str, str]
+) -> dict[str, float]:
+    """Share of negatives that copy their positive, that come from its own page, and that
+    score above it (base model)."""
     pairs = [
         (q, p, n)
         for (q, p), ns in zip(train.select("query", "doc").iter_rows(), negatives, strict=True)
         for n in ns
     ]
     if not pairs:
-        return {"negatives": 0, "near_copies": 0.0, "above_positive": 0.0}
+        return {"negatives": 0, "near_copies": 0.0, "same_page": 0.0, "above_positive": 0.0}
     qs, ps, ns = zip(*pairs, strict=True)
+    same_page = sum(
+        page_of.get(n) is not None and page_of.get(n) == page_of[p]
+        for p, n in zip(ps, ns, strict=True)
+    )
     texts = sorted(set(ps) | set(ns))
     shingles = dict(zip(texts, shingle_sets(texts, 3), strict=True))
     copies = sum(jaccard(shingles[p], shingles[n]) >= 0.9 for p, n in zip(ps, ns, strict=True))
@@ -292,6 +343,7 @@ def data_checks(model, train: pl.DataFrame, negatives: list[list[str]]) -> dict[
     return {
         "negatives": len(pairs),
         "near_copies": copies / len(pairs),
+        "same_page": same_page / len(pairs),
         "above_positive": above / len(pairs),
     }
 
@@ -314,6 +366,9 @@ def main() -> None:
         help="another pipeline variant, NAME:section.key=value,... (to choose defaults by T)",
     )
     args = parser.parse_args()
+    for name in args.only.split(","):
+        if name in OPTIONAL:
+            METHODS[name] = OPTIONAL[name]
     for spec in args.variant:
         name, _, sets = spec.partition(":")
         METHODS[name] = {
@@ -332,9 +387,15 @@ def main() -> None:
     grouped = evals.group_by("query", maintain_order=True).agg("doc")
     eval_queries = grouped["query"].to_list()
     qrels = [{index[d] for d in docs} for docs in grouped["doc"]]
+    mining = mining_corpus(train)
+    more = mining.filter(~pl.col("text").is_in(train["doc"].implode()))
+    page_of = dict(mining.iter_rows())
+    mining_texts = mining["text"].to_list()
     print(
         f"{len(df)} pages: {train.height} training pairs, {len(eval_queries)} eval queries, "
-        f"corpus {len(corpus)} documents ({time.perf_counter() - start:.0f} s); "
+        f"corpus {len(corpus)} documents; mining corpus {len(mining_texts)} chunks "
+        f"({more.height} beyond the first, from {more['page'].n_unique()} pages) "
+        f"({time.perf_counter() - start:.0f} s); "
         f"{os.cpu_count()} cores, {cpu_description()}, training in {'bf16' if BF16 else 'float32'}"
     )
     only = set(filter(None, args.only.split(",")))
@@ -352,7 +413,9 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         negatives[name] = (
-            random_negatives(train) if kwargs is None else st_negatives(train, base, **kwargs)
+            random_negatives(train, mining_texts)
+            if kwargs is None
+            else st_negatives(train, mining_texts, base, **kwargs)
         )
         timing[name] = time.perf_counter() - t0
     for name, overrides in METHODS.items():
@@ -361,7 +424,7 @@ def main() -> None:
         if name == "tf_written":
             overrides = {**overrides, "generation.max_written_queries": args.written}
         t0 = time.perf_counter()
-        negatives[name], doc = pipeline_negatives(train, name, overrides)
+        negatives[name], doc = pipeline_negatives(train, more, name, overrides)
         timing[name] = time.perf_counter() - t0
         mine = doc["stages"]["mine"]
         notes[name] = (
@@ -377,7 +440,7 @@ def main() -> None:
             )
     steps = train.height // BATCH
     results: dict[str, list[float]] = {"base": [ndcg_at_10(base, eval_queries, corpus, qrels)]}
-    checks = {name: data_checks(base, train, negs) for name, negs in negatives.items()}
+    checks = {name: data_checks(base, train, negs, page_of) for name, negs in negatives.items()}
     losses: dict[str, list[float]] = {}
     for seed in seeds:
         for name, negs in negatives.items():
@@ -396,16 +459,17 @@ def main() -> None:
             )
     print(f"\n{steps} steps x {BATCH} per method and seed; seeds {seeds}\n")
     columns = ["method", "nDCG@10 mean", "per seed", "spread", "queries trained", "negatives"]
-    columns += ["near copies", "above positive", "mining s"]
+    columns += ["near copies", "same page", "above positive", "mining s"]
     print("| " + " | ".join(columns) + " |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("|" + " --- |" * len(columns))
     for name, scores in results.items():
         c = checks.get(name, {})
         trained = sum(1 for n in negatives[name] if n) if name in negatives else 0
         print(
             f"| {name} | {np.mean(scores):.4f} | {' / '.join(f'{s:.4f}' for s in scores)} | "
             f"{max(scores) - min(scores):.4f} | {trained or '-'} | {c.get('negatives', '-')} | "
-            f"{c.get('near_copies', 0):.3f} | {c.get('above_positive', 0):.3f} | "
+            f"{c.get('near_copies', 0):.3f} | {c.get('same_page', 0):.3f} | "
+            f"{c.get('above_positive', 0):.3f} | "
             f"{timing.get(name, 0):.0f} |"
         )
     for name, note in notes.items():
