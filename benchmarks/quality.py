@@ -110,12 +110,13 @@ def build_dataset() -> pl.DataFrame:
             f"only {len(pages)} usable manual pages found; install more (e.g. the Debian "
             "packages manpages manpages-dev) and run again"
         )
+    cut_pages = [chunks(p.document) for p in pages]
     df = pl.DataFrame(
         {
             "page": [p.name for p in pages],
             "query": [p.query for p in pages],
-            "doc": [chunks(p.document)[0] for p in pages],
-            "more": [chunks(p.document)[1:] for p in pages],
+            "doc": [c[0] for c in cut_pages],
+            "more": [c[1:] for c in cut_pages],
         }
     )
     df = df.with_columns(pl.Series("key", fold_many(df["doc"].to_list())))
