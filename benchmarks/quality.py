@@ -34,7 +34,8 @@ negatives; a method that drops a query trains on what it kept. Word embeddings a
 lower 3 of the 6 layers are frozen, their output computed once per text (no dropout there), and
 texts cut at 64 tokens (350 characters) to fit a 2-core CPU. nDCG@10 of
 the eval queries against the evaluation corpus (every page's first chunk, train and eval) is
-reported per seed, with the untuned model as `base`.
+reported per seed, with the untuned model as `base`; a tuned model's evaluation also reads the
+frozen layers' output from that cache (checked against the untuned model's plain encoding).
 
 Data checks beside it, on the base model's scores: the share of negatives that are a near copy
 of their positive (shingle Jaccard >= 0.9), from the positive's own page, and scoring above
@@ -267,8 +268,17 @@ def encode(model, texts: list[str]) -> np.ndarray:
     return np.asarray(vectors, dtype=np.float32)
 
 
-def ndcg_at_10(model, queries: list[str], corpus: list[str], qrels: list[set[int]]) -> float:
-    scores = encode(model, queries) @ encode(model, corpus).T
+def ndcg_at_10(
+    model,
+    queries: list[str],
+    corpus: list[str],
+    qrels: list[set[int]],
+    states: dict[str, torch.Tensor] | None = None,
+) -> float:
+    """nDCG@10 of `queries` against `corpus`; with `states`, each text's frozen layers' output
+    (unchanged by fine-tuning) is read from there and only the trained layers run."""
+    vectors = encode if states is None else lambda m, texts: encode_upper(m, texts, states)
+    scores = vectors(model, queries) @ vectors(model, corpus).T
     top = np.argsort(-scores, axis=1)[:, :10]
     total = 0.0
     for ranked, relevant in zip(top, qrels, strict=True):
@@ -334,19 +344,27 @@ def _upper_encoder(model):
     return embed, restore
 
 
+def encode_upper(model, texts: list[str], states: dict[str, torch.Tensor]) -> np.ndarray:
+    """`encode`, from the cached frozen states of `texts`."""
+    import torch
+
+    embed, restore = _upper_encoder(model)
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+            for i in range(0, len(texts), 64):
+                out.append(embed(texts[i : i + 64], states).float().numpy())
+    finally:
+        restore()
+    return np.concatenate(out).astype(np.float32)
+
+
 def check_upper_encoder(model, states: dict[str, torch.Tensor], texts: list[str]) -> None:
     """The cached path must give what the model gives: fail loudly if a library change breaks
     the module swap."""
-    import torch
-
     expected = encode(model, texts)
-    embed, restore = _upper_encoder(model)
-    try:
-        model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
-            got = embed(texts, states).float().numpy()
-    finally:
-        restore()
+    got = encode_upper(model, texts, states)
     worst = float(np.abs((got * expected).sum(1) - 1).max())
     if worst > 0.01:
         raise SystemExit(f"cached frozen layers disagree with the model (cosine off by {worst})")
@@ -373,7 +391,13 @@ def fine_tune(
     """`steps` batches of (query, positive, NEGATIVES_PER_STEP negatives: `pick_negatives`), the
     n-tuples sentence-transformers trains on. Returns the mean loss of the last ten steps."""
     import torch
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    try:
+        from sentence_transformers.sentence_transformer.losses import (
+            MultipleNegativesRankingLoss,
+        )
+    except ImportError:  # an older sentence-transformers
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -547,9 +571,15 @@ def main() -> None:
     t0 = time.perf_counter()
     texts = train["query"].to_list() + train["doc"].to_list()
     texts += [n for negs in negatives.values() for row in negs for n in row]
-    states = frozen_states(base, texts)
+    states = frozen_states(base, texts + eval_queries + corpus)
     check_upper_encoder(load_model(), states, texts[:: max(1, len(texts) // 16)][:16])
-    print(f"frozen layers' states of {len(states)} texts ({time.perf_counter() - t0:.0f} s)")
+    cached_base = ndcg_at_10(base, eval_queries, corpus, qrels, states)
+    if abs(cached_base - results["base"][0]) > 0.002:
+        raise SystemExit(f"cached evaluation {cached_base:.4f} != {results['base'][0]:.4f}")
+    print(
+        f"frozen layers' states of {len(states)} texts ({time.perf_counter() - t0:.0f} s); "
+        f"base nDCG@10 {results['base'][0]:.4f}, from them {cached_base:.4f}"
+    )
     losses: dict[str, list[float]] = {}
     for seed in seeds:
         for name, negs in negatives.items():
@@ -558,7 +588,7 @@ def main() -> None:
             loss = fine_tune(
                 model, train["query"].to_list(), train["doc"].to_list(), negs, steps, seed, states
             )
-            score = ndcg_at_10(model, eval_queries, corpus, qrels)
+            score = ndcg_at_10(model, eval_queries, corpus, qrels, states)
             results.setdefault(name, []).append(score)
             losses.setdefault(name, []).append(loss)
             print(
