@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from schemas.config import MiningConfig
+from schemas.config import MiningConfig, QueryFilterConfig
 from schemas.tables import CANDIDATES, CLUSTERS
 from tasks.mine import label_candidates, mine_negatives
 from tasks.search import exact_topk
@@ -48,7 +48,7 @@ def clusters_table(rows: list[tuple[str, str]]) -> pa.Table:
     )
 
 
-def mine(scores, cfg, clusters=None, positive="pos", texts=None):
+def mine(scores, cfg, clusters=None, positive="pos", texts=None, **kw):
     ids = ["pos"] + [f"n{i}" for i in range(len(scores) - 1)]
     queries = pa.table({"query_id": ["q"], "passage_id": [positive]})
     result = mine_negatives(
@@ -59,6 +59,7 @@ def mine(scores, cfg, clusters=None, positive="pos", texts=None):
         clusters if clusters is not None else CLUSTERS.empty_table(),
         cfg,
         texts,
+        **kw,
     )
     assert result.candidates.schema.equals(CANDIDATES)
     df = pl.from_arrow(result.candidates)
@@ -230,6 +231,92 @@ def test_random_sampling_draws_from_survivors_reproducibly():
     cfg = MiningConfig(num_negatives=4, max_rank=6, sampling_strategy="random")
     drawn, _ = mine(scores, cfg)
     assert (drawn.filter(pl.col("kept"))["rank"] < 6).all()
+
+
+# SimANS: positive at 0.6, candidates evenly from 0.95 down to 0.15 (the ratio rule off, so
+# candidates above the positive compete too)
+SPREAD = [0.6] + [round(0.95 - 0.02 * i, 2) for i in range(41)]
+
+
+def _kept_scores(cfg: MiningConfig, seeds=range(20)) -> np.ndarray:
+    out = []
+    for seed in seeds:
+        df, _ = mine(SPREAD, cfg.model_copy(update={"seed": seed}))
+        out.extend(df.filter(pl.col("kept"))["score"].to_list())
+    return np.asarray(out)
+
+
+def test_simans_draws_negatives_scoring_about_the_positive():
+    base = dict(num_negatives=4, max_rank=60, max_positive_ratio=None)
+    simans = _kept_scores(MiningConfig(sampling_strategy="simans", simans_a=100.0, **base))
+    random_ = _kept_scores(MiningConfig(sampling_strategy="random", **base))
+    top = _kept_scores(MiningConfig(sampling_strategy="top", **base))
+    gap = {
+        name: float(np.abs(s - 0.6).mean())
+        for name, s in {"simans": simans, "random": random_, "top": top}.items()
+    }
+    assert len(simans) == 80
+    # top takes the 4 highest (0.95 .. 0.89), random spreads over all 41, SimANS centres on 0.6
+    assert gap["top"] == pytest.approx(0.32, abs=0.01)
+    assert gap["simans"] < 0.1 and gap["simans"] < gap["random"] / 2, gap
+    # far easier and suspiciously higher candidates alike are rare
+    assert (np.abs(simans - 0.6) > 0.25).mean() < 0.05
+    assert (simans > 0.6).mean() == pytest.approx(0.5, abs=0.2)
+
+
+def test_simans_b_moves_the_centre_and_a_sharpens_it():
+    base = dict(num_negatives=4, max_rank=60, max_positive_ratio=None, sampling_strategy="simans")
+    lower = _kept_scores(MiningConfig(simans_b=-0.3, simans_a=100.0, **base))
+    assert float(np.median(lower)) == pytest.approx(0.3, abs=0.06)
+    sharp = _kept_scores(MiningConfig(simans_a=300.0, **base))
+    loose = _kept_scores(MiningConfig(simans_a=3.0, **base))
+    assert np.abs(sharp - 0.6).mean() < np.abs(loose - 0.6).mean() / 2
+
+
+def test_simans_is_seeded_and_respects_every_filter():
+    cfg = MiningConfig(num_negatives=4, max_rank=60, sampling_strategy="simans", seed=3)
+    drawn, _ = mine(SPREAD, cfg)
+    again, _ = mine(SPREAD, cfg)
+    other, _ = mine(SPREAD, cfg.model_copy(update={"seed": 4}))
+    assert kept_ids(drawn) == kept_ids(again) and kept_ids(drawn) != kept_ids(other)
+    kept = drawn.filter(pl.col("kept"))
+    assert kept.height == 4
+    # the default ratio rule (1.3 x 0.6 = 0.78) still applies before the draw
+    assert kept["score"].max() < 0.78
+    above = drawn.filter(pl.col("score") >= 0.78 + 1e-6)
+    assert set(above["reason"]) == {"above_positive_ratio"}
+
+
+@pytest.mark.parametrize("margin,rejected", [(0.35, True), (0.45, False)])
+def test_too_easy_query_boundary(margin, rejected):
+    """The positive (0.9) wins by 0.4 over the best candidate (0.5)."""
+    cfg = MiningConfig(num_negatives=2, max_positive_ratio=None)
+    df, result = mine(
+        [0.9, 0.5, 0.4, 0.3], cfg, query_filters=QueryFilterConfig(too_easy_margin=margin)
+    )
+    rejects = result.rejects.to_pylist()
+    if rejected:
+        assert [(r["source"], r["reason"]) for r in rejects] == [("q", "too_easy")]
+        assert "above the best candidate 0.5" in rejects[0]["detail"]
+        assert not df["kept"].any() and result.queries_kept == 0
+        assert set(df.filter(pl.col("origin") == "mined")["reason"].drop_nulls()) >= {"too_easy"}
+    else:
+        assert rejects == [] and kept_ids(df) == ["n0", "n1"]
+
+
+@pytest.mark.parametrize("count,rejected", [(3, True), (4, False)])
+def test_too_generic_query_boundary(count, rejected):
+    """Three candidates score >= 0.95 x the positive (0.8 -> 0.76); the fourth does not."""
+    cfg = MiningConfig(num_negatives=2, max_positive_ratio=None)
+    filters = QueryFilterConfig(too_generic_count=count, too_generic_ratio=0.95)
+    df, result = mine([0.8, 0.79, 0.78, 0.77, 0.75, 0.3], cfg, query_filters=filters)
+    rejects = result.rejects.to_pylist()
+    if rejected:
+        assert [r["reason"] for r in rejects] == ["too_generic"]
+        assert rejects[0]["detail"].startswith("3 passages score >= 0.95")
+        assert not df["kept"].any()
+    else:
+        assert rejects == [] and len(kept_ids(df)) == 2
 
 
 def test_ann_search_agrees_with_exact_search():
