@@ -318,3 +318,76 @@ def test_written_passages_follow_the_query_temperature_when_asked():
     engine = ScriptedEngine([done({"passage": "A stack is last in, first out, with push."})])
     generate_passages(queries, {"p": POSITIVE}, cfg, GradingConfig(), engine)
     assert engine.calls[0]["sampling"].temperature == cfg.temperature == 0.0
+
+
+# --- one gate: the demo's false negatives, planted as mined and as written passages -------------
+
+CRC_QUERY = "the function to compute a CRC-32 checksum"
+CRC_POSITIVE = (
+    "zlib.crc32(data[, value]) computes a CRC (Cyclic Redundancy Check) checksum of data. The "
+    "result is an unsigned 32-bit integer. If value is present, it is used as the starting value "
+    "of the checksum."
+)
+# the demo kept this grade-2 passage as a hard negative: 0.88 against the positive's 0.38
+CRC_WRITTEN = "The function to compute a CRC-32 checksum is: crc32(string[, start]);"
+# the positive's sentences in another order: a contiguous-run measure sees no copy
+CRC_REORDERED = " ".join(reversed([s.strip() + "." for s in CRC_POSITIVE.split(".") if s.strip()]))
+TRUE_NEGATIVE = "hashlib.sha256() returns a SHA-256 hash object; update() feeds it bytes."
+SECTION_QUERY = "How to create a new text section in a paragraph"
+# the demo's other case: the query word for word plus "Summary: 2 min"
+SECTION_COPY = "How to create a new text section in a paragraph? Summary: 2 min"
+SECTION_POSITIVE = "To start a new section, insert a section break: Layout, Breaks, Next Page."
+
+
+def gate(query, positive, positive_score, planted, cfg=None):
+    """Each planted (name, text, score) as a mined passage `m-name` and as a passage the LLM
+    wrote at grade 2 for the query, `w-name`; every rule of the one gate applies to both."""
+    names = [n for n, _, _ in planted]
+    texts = {"pos": positive} | {f"m-{n}": t for n, t, _ in planted}
+    corpus = corpus_with_scores([positive_score] + [s for _, _, s in planted])
+    written = pa.Table.from_pylist(
+        [written_row(f"w-{n}", "q", 2) | {"text": t} for n, t, _ in planted], schema=GENERATED
+    )
+    result = mine_negatives(
+        pa.table({"query_id": ["q"], "passage_id": ["pos"], "query": [query]}),
+        QUERY,
+        ["pos"] + [f"m-{n}" for n in names],
+        corpus,
+        CLUSTERS.empty_table(),
+        cfg or MiningConfig(num_negatives=10),
+        texts,
+        generated=written,
+        generated_vectors=corpus_with_scores([s for _, _, s in planted]),
+    )
+    df = pl.from_arrow(result.candidates)
+    return {n: (reason_of(df, f"m-{n}"), reason_of(df, f"w-{n}")) for n in names}
+
+
+def test_one_gate_removes_the_demos_false_negatives_mined_or_written():
+    planted = [
+        ("copy", CRC_WRITTEN, 0.88),
+        ("reordered", CRC_REORDERED, 0.36),
+        ("true", TRUE_NEGATIVE, 0.30),
+    ]
+    reasons = gate(CRC_QUERY, CRC_POSITIVE, 0.38, planted)
+    assert reasons == {
+        "copy": ("above_positive_ratio", "above_positive_ratio"),
+        "reordered": ("duplicate_of_positive", "duplicate_of_positive"),
+        "true": (None, None),
+    }
+    # without the score rule the text rules still catch the copy of the query
+    no_ratio = MiningConfig(num_negatives=10, max_positive_ratio=None)
+    reasons = gate(CRC_QUERY, CRC_POSITIVE, 0.38, planted, no_ratio)
+    assert reasons["copy"] == ("copies_query", "copies_query")
+    assert reasons["reordered"] == ("duplicate_of_positive", "duplicate_of_positive")
+    assert reasons["true"] == (None, None)
+
+
+@pytest.mark.parametrize("score", [0.97, 0.45])
+def test_a_passage_that_restates_the_query_is_removed_whatever_it_scores(score):
+    """At 0.97 (the demo's score, positive 0.47) the ratio rule removes it first; at 0.45, as
+    if the embedder missed it, copies_query does."""
+    planted = [("copy", SECTION_COPY, score), ("true", TRUE_NEGATIVE, 0.2)]
+    reasons = gate(SECTION_QUERY, SECTION_POSITIVE, 0.47, planted)
+    expected = "above_positive_ratio" if score > 0.47 * 1.3 else "copies_query"
+    assert reasons == {"copy": (expected, expected), "true": (None, None)}
