@@ -393,6 +393,74 @@ def test_pairs_mode_runs_every_stage_but_generation(tmp_path, model_workers, pre
     assert set(triplets["style"]) == {"given"}
 
 
+def _export_negatives(run_dir) -> dict[str, set[str]]:
+    """The negative texts each trainer export holds, over both splits."""
+    out: dict[str, set[str]] = {"sentence_transformers": set(), "flagembedding": set()}
+    for path in (run_dir / "exports" / "sentence_transformers").glob("*.parquet"):
+        st = pl.read_parquet(path)
+        for col in (c for c in st.columns if c.startswith("negative_")):
+            out["sentence_transformers"] |= set(st[col])
+    for path in (run_dir / "exports" / "flagembedding").glob("*.jsonl"):
+        for line in path.open():
+            out["flagembedding"] |= set(json.loads(line)["neg"])
+    return out
+
+
+def test_a_negatives_grade_decides_where_it_is_exported(tmp_path, model_workers, prefect_api):
+    """Passages the LLM wrote at grades 2 ("partially answers") and 1 reach the triplets through
+    the gate; a trainer export takes a negative only at or below output.max_negative_grade
+    (default: the level below "partially answers"), the listwise export takes every one with its
+    grade. The same run again with max_negative_grade 0 redoes only assembly."""
+    rows = sample_rows(40)
+    pairs = [{"query": f"what does {r['title']} do", "positive": r["text"]} for r in rows[:6]]
+    corpus = [{"text": r["text"]} for r in rows[6:]]
+    runs = {}
+    for max_grade in (None, 0):
+        cfg = tiny_config(
+            tmp_path,
+            write_jsonl(tmp_path / "pairs.jsonl", pairs),
+            input={
+                "mode": "pairs",
+                "title_column": None,
+                "corpus_paths": [str(write_jsonl(tmp_path / "corpus.jsonl", corpus))],
+            },
+            generation={"negative_levels": [2, 1]},
+            mining={"num_negatives": 3, "max_rank": 20},
+            split={"eval_fraction": 0.0},
+            output={"max_negative_grade": max_grade},
+        )
+        runs[cfg.max_negative_grade()] = run_pipeline(cfg)
+    assert sorted(runs) == [0, 1]  # the default is the level below "partially answers" (2)
+    for max_grade, (run_dir, _) in runs.items():
+        triplets = pl.read_parquet(run_dir / "triplets" / "*.parquet")
+        negs = triplets.explode("negatives").unnest("negatives")
+        plain = set(negs.filter(pl.col("grade").is_null() | (pl.col("grade") <= max_grade))["text"])
+        above = set(negs.filter(pl.col("grade") > max_grade)["text"])
+        exported = _export_negatives(run_dir)
+        for name, texts in exported.items():
+            assert texts and texts <= plain and not texts & above, (name, max_grade)
+        listwise = pl.read_parquet(run_dir / "exports" / "listwise" / "*.parquet")
+        pairs_of = set(
+            zip(
+                listwise["passages"].explode().to_list(),
+                listwise["grades"].explode().to_list(),
+                strict=True,
+            )
+        )
+        assert set(negs.select("text", "grade").iter_rows()) <= pairs_of
+        written = negs.filter(pl.col("origin") == "generated")
+        assert written.height > 0 and set(written["grade"]) <= {1, 2}
+    # with 0, every written negative kept is graded above it: none reaches a trainer export
+    run_dir, doc = runs[0]
+    written = pl.read_parquet(run_dir / "triplets" / "*.parquet").explode("negatives")
+    written = written.unnest("negatives").filter(pl.col("origin") == "generated")
+    assert not set(written["text"]) & set().union(*_export_negatives(run_dir).values())
+    for stage in ("embed_passages", "embed_queries", "generate_passages", "mine"):
+        assert doc["stages"][stage]["skipped_shards"] == len(doc["jobs"][stage]), stage
+    assert doc["stages"]["assemble"]["skipped_shards"] == 0
+    assert doc["model_calls"] == {}
+
+
 def test_the_cli_runs_as_make_demo_does(tmp_path):
     """`tripletforge run` in its own process: no Prefect API configured, a PREFECT_HOME that
     does not exist yet, its own local Ray (pairs mode, so only the embedder loads)."""
