@@ -57,6 +57,25 @@ def tiny_config(tmp_path: Path, corpus: Path, **sections) -> PipelineConfig:  # 
     return PipelineConfig.model_validate(raw)
 
 
+def pairs_mode_config(
+    tmp_path: Path, pairs: list[dict], corpus: list[dict], **sections
+) -> PipelineConfig:  # noqa: F821
+    """`tiny_config` for a pairs-mode run: the pairs and the extra corpus written as JSONL under
+    tmp_path; `input=` adds to the pairs-mode input section."""
+    given = sections.pop("input", {})
+    return tiny_config(
+        tmp_path,
+        write_jsonl(tmp_path / "pairs.jsonl", pairs),
+        input={
+            "mode": "pairs",
+            "title_column": None,
+            "corpus_paths": [str(write_jsonl(tmp_path / "corpus.jsonl", corpus))],
+            **given,
+        },
+        **sections,
+    )
+
+
 @pytest.fixture(scope="session")
 def model_workers(ray_session, tmp_path_factory):
     """The vLLM engine and the embedder, loaded once and shared by every test that needs them:

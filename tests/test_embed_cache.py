@@ -11,8 +11,8 @@ import pytest
 from flows.build import run_local
 from tasks.embed_cache import EmbeddingCache, encode_cached, text_keys
 from tasks.embedder import table_to_matrix
-from tests.conftest import tiny_config
-from tests.helpers import sample_rows, write_jsonl
+from tests.conftest import pairs_mode_config
+from tests.helpers import sample_rows
 
 
 class CountingEncoder:
@@ -84,14 +84,10 @@ def test_a_second_dataset_over_the_same_corpus_costs_no_model_time(tmp_path, emb
     corpus = [{"text": r["text"]} for r in rows[10:]]
 
     def config(shard_size, **sections):
-        return tiny_config(
+        return pairs_mode_config(
             tmp_path,
-            write_jsonl(tmp_path / "pairs.jsonl", pairs),
-            input={
-                "mode": "pairs",
-                "title_column": None,
-                "corpus_paths": [str(write_jsonl(tmp_path / "corpus.jsonl", corpus))],
-            },
+            pairs,
+            corpus,
             output={"dir": str(tmp_path / "runs"), "shard_size": shard_size},
             **sections,
         )

@@ -17,8 +17,8 @@ from flows.models import LocalModels
 from schemas.tables import REJECTS
 from tasks.io import sha256_file
 from tasks.stage import Outcome, Stage
-from tests.conftest import tiny_config
-from tests.helpers import sample_rows, write_jsonl
+from tests.conftest import pairs_mode_config
+from tests.helpers import sample_rows
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,10 @@ def pairs_config(tmp_path, **sections):
     rows = sample_rows(40)
     pairs = [{"query": f"what does {r['title']} do", "positive": r["text"]} for r in rows[:12]]
     corpus = [{"text": r["text"]} for r in rows[12:]]
-    return tiny_config(
+    return pairs_mode_config(
         tmp_path,
-        write_jsonl(tmp_path / "pairs.jsonl", pairs),
-        input={
-            "mode": "pairs",
-            "title_column": None,
-            "corpus_paths": [str(write_jsonl(tmp_path / "corpus.jsonl", corpus))],
-        },
+        pairs,
+        corpus,
         **sections,
     )
 

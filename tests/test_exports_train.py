@@ -15,8 +15,8 @@ import pytest
 
 from schemas.tables import TRIPLETS
 from tasks.exports import beir_files, corpus_ids, to_beir, to_flagembedding_lines
-from tests.conftest import tiny_config
-from tests.helpers import sample_rows, write_jsonl
+from tests.conftest import pairs_mode_config
+from tests.helpers import sample_rows
 
 NUM_NEGATIVES = 3
 
@@ -137,14 +137,10 @@ def run(tmp_path_factory):
     rows = sample_rows(80)
     pairs = [{"query": f"what does {r['title']} do", "positive": r["text"]} for r in rows[:20]]
     corpus = [{"text": r["text"]} for r in rows[20:]]
-    cfg = tiny_config(
+    cfg = pairs_mode_config(
         tmp,
-        write_jsonl(tmp / "pairs.jsonl", pairs),
-        input={
-            "mode": "pairs",
-            "title_column": None,
-            "corpus_paths": [str(write_jsonl(tmp / "corpus.jsonl", corpus))],
-        },
+        pairs,
+        corpus,
         mining={"num_negatives": NUM_NEGATIVES, "max_rank": 20},
         split={"eval_fraction": 0.25},
         output={

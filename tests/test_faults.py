@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from flows.cache import ENTRY, StageCache
 from tests.helpers import sample_rows, write_jsonl
 from tests.orchestration import BIN, quiet_env, stop, wait_for
 
@@ -70,7 +71,11 @@ def working_jobs(cache: Path, stage: str) -> list[int]:
 
 
 def committed(cache: Path, stage: str) -> int:
-    return len(list((cache / stage).glob("*/entry.json")))
+    """Committed entries of `stage`: not a job's temporary folder, which holds its entry.json
+    from just before the rename that commits it (a run killed in between commits nothing)."""
+    return sum(
+        (folder / ENTRY).is_file() for s, _, folder in StageCache(cache).entries() if s == stage
+    )
 
 
 def kill_everything(proc: subprocess.Popen) -> None:

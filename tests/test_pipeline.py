@@ -18,7 +18,7 @@ from tasks.embedder import resolve_precision
 from tasks.io import sha256_file
 from tasks.llm.engine import resolve_llm_dtype
 from tasks.text import folded_text, jaccard, shingle_set
-from tests.conftest import tiny_config
+from tests.conftest import pairs_mode_config, tiny_config
 from tests.helpers import sample_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -341,15 +341,11 @@ def test_pairs_mode_runs_every_stage_but_generation(tmp_path, model_workers, pre
         + [{"text": rows[4]["text"].upper()}]
         + [{"text": f"{half} (more on this page)", "doc": "json"} for half in halves]
     )
-    cfg = tiny_config(
+    cfg = pairs_mode_config(
         tmp_path,
-        write_jsonl(tmp_path / "pairs.jsonl", pairs),
-        input={
-            "mode": "pairs",
-            "title_column": None,
-            "document_column": "doc",
-            "corpus_paths": [str(write_jsonl(tmp_path / "corpus.jsonl", corpus))],
-        },
+        pairs,
+        corpus,
+        input={"document_column": "doc"},
         mining={"num_negatives": 3, "max_rank": 20},
     )
     run_dir, doc = run_pipeline(cfg)
@@ -416,14 +412,10 @@ def test_a_negatives_grade_decides_where_it_is_exported(tmp_path, model_workers,
     corpus = [{"text": r["text"]} for r in rows[6:]]
     runs = {}
     for max_grade in (None, 0):
-        cfg = tiny_config(
+        cfg = pairs_mode_config(
             tmp_path,
-            write_jsonl(tmp_path / "pairs.jsonl", pairs),
-            input={
-                "mode": "pairs",
-                "title_column": None,
-                "corpus_paths": [str(write_jsonl(tmp_path / "corpus.jsonl", corpus))],
-            },
+            pairs,
+            corpus,
             generation={"negative_levels": [2, 1]},
             mining={"num_negatives": 3, "max_rank": 20},
             split={"eval_fraction": 0.0},
@@ -523,14 +515,10 @@ def test_semantic_dedup_and_cross_encoder_rescoring(tmp_path, model_workers, pre
         {"query": "how do I read JSON from a file", "positive": rows[2]["text"]},
     ]
     corpus = [{"text": r["text"]} for r in rows[3:30]] + [{"text": paraphrase}]
-    cfg = tiny_config(
+    cfg = pairs_mode_config(
         tmp_path,
-        write_jsonl(tmp_path / "pairs.jsonl", pairs),
-        input={
-            "mode": "pairs",
-            "title_column": None,
-            "corpus_paths": [str(write_jsonl(tmp_path / "corpus.jsonl", corpus))],
-        },
+        pairs,
+        corpus,
         dedup={"semantic": True, "semantic_threshold": 0.85},  # measured cosine 0.88
         mining={"num_negatives": 3, "max_rank": 20, "rescore_model_path": str(ce_dir)},
     )

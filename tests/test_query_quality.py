@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 
 from tasks.mine import select_negatives
-from tests.conftest import tiny_config
-from tests.helpers import sample_rows, write_jsonl
+from tests.conftest import pairs_mode_config
+from tests.helpers import sample_rows
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,10 @@ def run(tmp_path_factory):
         {"query": "a module of Python", "positive": rows[5]["text"]},
     ]
     corpus = [{"text": r["text"]} for r in rows[16:]]
-    cfg = tiny_config(
+    cfg = pairs_mode_config(
         tmp,
-        write_jsonl(tmp / "pairs.jsonl", pairs),
-        input={
-            "mode": "pairs",
-            "title_column": None,
-            "corpus_paths": [str(write_jsonl(tmp / "corpus.jsonl", corpus))],
-        },
+        pairs,
+        corpus,
         mining={
             "num_negatives": 3,
             "max_rank": 20,

@@ -13,8 +13,8 @@ import pytest
 
 from tasks.report import COUNTS, SAMPLE_SIZE, build_report, funnel_rows, kept_because
 from tests.browser import dump_dom, ensure_chromium, screenshot
-from tests.conftest import tiny_config
-from tests.helpers import sample_rows, write_jsonl
+from tests.conftest import pairs_mode_config
+from tests.helpers import sample_rows
 
 WINDOW = (1280, 4000)
 # appended to a copy of the report: after load, each image's decoded size, written into the DOM
@@ -102,14 +102,10 @@ def run_dir(tmp_path_factory) -> Path:
         {"text": " ".join(words[:-1] + ["(copy)"])},  # a near copy
         {"text": "short"},
     ]
-    cfg = tiny_config(
+    cfg = pairs_mode_config(
         tmp,
-        write_jsonl(tmp / "pairs.jsonl", pairs),
-        input={
-            "mode": "pairs",
-            "title_column": None,
-            "corpus_paths": [str(write_jsonl(tmp / "corpus.jsonl", corpus))],
-        },
+        pairs,
+        corpus,
     )
     embedder = Embedder(
         str(minilm_path()), "all-MiniLM-L6-v2", "cpu", 2, resolve_precision("auto", "cpu")
