@@ -23,9 +23,9 @@ POSITIVE = (
 )
 
 
-def mine(scores, cfg, **kwargs):
+def mine(scores, cfg, query="what is a heap", **kwargs):
     ids = ["pos"] + [f"n{i}" for i in range(len(scores) - 1)]
-    queries = pa.table({"query_id": ["q"], "passage_id": ["pos"], "query": ["what is a heap"]})
+    queries = pa.table({"query_id": ["q"], "passage_id": ["pos"], "query": [query]})
     kwargs.setdefault("texts", {"pos": POSITIVE})  # written passages are measured against it
     result = mine_negatives(
         queries, QUERY, ids, corpus_with_scores(scores), CLUSTERS.empty_table(), cfg, **kwargs
@@ -340,27 +340,23 @@ SECTION_POSITIVE = "To start a new section, insert a section break: Layout, Brea
 
 
 def gate(query, positive, positive_score, planted, cfg=None):
-    """Each planted (name, text, score) as a mined passage `m-name` and as a passage the LLM
-    wrote at grade 2 for the query, `w-name`; every rule of the one gate applies to both."""
-    names = [n for n, _, _ in planted]
-    texts = {"pos": positive} | {f"m-{n}": t for n, t, _ in planted}
-    corpus = corpus_with_scores([positive_score] + [s for _, _, s in planted])
+    """Each planted (name, text, score) as a mined passage and as a passage the LLM wrote at
+    grade 2 for the query; every rule of the one gate applies to both. Returns
+    {name: (reason as mined, reason as written)}."""
     written = pa.Table.from_pylist(
         [written_row(f"w-{n}", "q", 2) | {"text": t} for n, t, _ in planted], schema=GENERATED
     )
-    result = mine_negatives(
-        pa.table({"query_id": ["q"], "passage_id": ["pos"], "query": [query]}),
-        QUERY,
-        ["pos"] + [f"m-{n}" for n in names],
-        corpus,
-        CLUSTERS.empty_table(),
+    df, _ = mine(
+        [positive_score] + [s for _, _, s in planted],
         cfg or MiningConfig(num_negatives=10),
-        texts,
+        query=query,
+        texts={"pos": positive} | {f"n{i}": t for i, (_, t, _) in enumerate(planted)},
         generated=written,
         generated_vectors=corpus_with_scores([s for _, _, s in planted]),
     )
-    df = pl.from_arrow(result.candidates)
-    return {n: (reason_of(df, f"m-{n}"), reason_of(df, f"w-{n}")) for n in names}
+    return {
+        n: (reason_of(df, f"n{i}"), reason_of(df, f"w-{n}")) for i, (n, _, _) in enumerate(planted)
+    }
 
 
 def test_one_gate_removes_the_demos_false_negatives_mined_or_written():
