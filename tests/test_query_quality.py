@@ -85,7 +85,7 @@ def test_a_near_duplicate_query_is_removed_and_counted(run):
 
 
 def test_too_easy_and_too_generic_queries_are_rejected_with_reasons(run):
-    _, doc, tables, rows = run
+    cfg, doc, tables, rows = run
     rejects = tables["rejects"].filter(pl.col("stage") == "mine")
     by_reason = {
         reason: _text(tables, group["source"]) for (reason,), group in rejects.group_by("reason")
@@ -97,7 +97,9 @@ def test_too_easy_and_too_generic_queries_are_rejected_with_reasons(run):
     cands = tables["candidates"].filter(pl.col("origin") == "mined", pl.col("rank").is_not_null())
     per_query = cands.group_by("query_id").agg(
         (pl.col("positive_score").first() - pl.col("score").max()).alias("margin"),
-        (pl.col("score") >= 0.95 * pl.col("positive_score")).sum().alias("similar"),
+        (pl.col("score") >= cfg.queries.too_generic_ratio * pl.col("positive_score"))
+        .sum()
+        .alias("similar"),
     )
     rejected = dict(rejects.select("source", "reason").iter_rows())
     for qid, margin, similar in per_query.iter_rows():
