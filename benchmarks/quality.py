@@ -37,6 +37,12 @@ the eval queries against the evaluation corpus (every page's first chunk, train 
 reported per seed, with the untuned model as `base`; a tuned model's evaluation also reads the
 frozen layers' output from that cache (checked against the untuned model's plain encoding).
 
+`--format triplet` trains instead on (query, positive, negative) rows, one per negative, which is
+what `mine_hard_negatives` outputs by default, for one pass over them (3 rows per pair: 156
+steps, batches without a repeated text as sentence-transformers' NoDuplicatesBatchSampler makes
+them): three times the updates, ~125 s a training on 2 cores, so the whole benchmark would take
+over 30 minutes; it is the check that an ordering does not hang on the training length.
+
 Data checks beside it, on the base model's scores: the share of negatives that are a near copy
 of their positive (shingle Jaccard >= 0.9), from the positive's own page, and scoring above
 their positive.
@@ -46,6 +52,7 @@ torch seed and the shuffling for every method): whether a method is ahead on eve
 on average.
 Last line: `quality base=B random=R st_mined=S tripletforge=T` (means over seeds).
 Usage: .venv/bin/python benchmarks/quality.py [--seeds 0,1] [--written 128] [--only a,b]
+       [--format n-tuple|triplet] [--variant NAME:section.key=value,...]
 """
 
 from __future__ import annotations
@@ -379,6 +386,58 @@ def pick_negatives(negatives: list[str], rng: random.Random) -> list[str]:
     return [negatives[k % len(negatives)] for k in range(NEGATIVES_PER_STEP)]
 
 
+def tuple_batches(negatives: list[list[str]], steps: int, rng: random.Random) -> list[list[int]]:
+    """`steps` batches of query indices for n-tuple training: each pass over the queries that
+    have negatives is shuffled, and a partial last batch is left to the next pass."""
+    rows = [i for i, n in enumerate(negatives) if n]
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        order = rows[:]
+        rng.shuffle(order)
+        batches += [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
+    return batches[:steps]
+
+
+def triplet_batches(
+    queries: list[str],
+    positives: list[str],
+    negatives: list[list[str]],
+    steps: int,
+    rng: random.Random,
+) -> list[list[tuple[int, str]]]:
+    """`steps` batches of (query index, negative) rows, one row per negative: the triplets
+    `mine_hard_negatives` outputs by default. Batches are filled the way sentence-transformers'
+    NoDuplicatesBatchSampler (its advice for MultipleNegativesRankingLoss) fills them: a row
+    whose query, positive or negative is already in the batch waits for a later one, so a
+    query's own positive is never an in-batch negative for it. Each pass over the rows is
+    shuffled; rows a pass could not place go first in the next."""
+    rows = [(i, n) for i, negs in enumerate(negatives) for n in negs]
+    batches: list[list[tuple[int, str]]] = []
+    pending: list[tuple[int, str]] = []
+    refilled = False
+    while rows and len(batches) < steps:
+        batch: list[tuple[int, str]] = []
+        seen: set[str] = set()
+        rest = []
+        for i, n in pending:
+            texts = {queries[i], positives[i], n}
+            if len(batch) < BATCH and not seen & texts:
+                batch.append((i, n))
+                seen |= texts
+            else:
+                rest.append((i, n))
+        if len(batch) == BATCH:
+            batches.append(batch)
+            pending, refilled = rest, False
+        elif refilled:
+            raise ValueError(f"the rows cannot fill a batch of {BATCH} without a repeated text")
+        else:  # the pass is used up: the next one, after what this one left
+            fresh = rows[:]
+            rng.shuffle(fresh)
+            pending, refilled = pending + fresh, True
+    return batches
+
+
 def fine_tune(
     model,
     queries: list[str],
@@ -387,9 +446,12 @@ def fine_tune(
     steps: int,
     seed: int,
     states: dict[str, torch.Tensor],
+    fmt: str = "n-tuple",
 ) -> float:
-    """`steps` batches of (query, positive, NEGATIVES_PER_STEP negatives: `pick_negatives`), the
-    n-tuples sentence-transformers trains on. Returns the mean loss of the last ten steps."""
+    """`steps` batches with MultipleNegativesRankingLoss. `fmt` "triplet": (query, positive,
+    negative) rows, one per negative (`triplet_batches`); "n-tuple": (query, positive,
+    NEGATIVES_PER_STEP negatives: `pick_negatives`) rows, one per query. Returns the mean loss
+    of the last ten steps."""
     import torch
 
     try:
@@ -401,13 +463,21 @@ def fine_tune(
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    rows = [i for i, n in enumerate(negatives) if n]
-    batches: list[list[int]] = []
-    while len(batches) < steps:
-        order = rows[:]
-        rng.shuffle(order)
-        batches += [order[i : i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
-    batches = batches[:steps]
+    if fmt == "triplet":
+        steps_columns = [
+            [[queries[i] for i, _ in b], [positives[i] for i, _ in b], [n for _, n in b]]
+            for b in triplet_batches(queries, positives, negatives, steps, rng)
+        ]
+    elif fmt == "n-tuple":
+        steps_columns = []
+        for batch in tuple_batches(negatives, steps, rng):
+            picked = [pick_negatives(negatives[i], rng) for i in batch]
+            steps_columns.append(
+                [[queries[i] for i in batch], [positives[i] for i in batch]]
+                + [[row[k] for row in picked] for k in range(NEGATIVES_PER_STEP)]
+            )
+    else:
+        raise ValueError(f"unknown training format {fmt!r}")
     bert = model[0].auto_model
     for layer in bert.encoder.layer[:FROZEN_LAYERS]:
         for p in layer.parameters():
@@ -425,10 +495,7 @@ def fine_tune(
     model.train()
     losses = []
     try:
-        for batch in batches:
-            columns = [[queries[i] for i in batch], [positives[i] for i in batch]]
-            picked = [pick_negatives(negatives[i], rng) for i in batch]
-            columns += [[row[k] for row in picked] for k in range(NEGATIVES_PER_STEP)]
+        for columns in steps_columns:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
                 loss = loss_fn.compute_loss_from_embeddings(
                     [embed(c, states) for c in columns], None
@@ -486,6 +553,14 @@ def main() -> None:
         "--written", type=int, default=128, help="queries that get written passages"
     )
     parser.add_argument("--only", default="", help="comma-separated methods (default: all)")
+    parser.add_argument(
+        "--format",
+        choices=("triplet", "n-tuple"),
+        default="n-tuple",
+        help="training rows: (query, positive, 3 negatives) n-tuples, one pass over the pairs "
+        "(52 steps), or (query, positive, negative) triplets, mine_hard_negatives' default "
+        "output, one pass over 3 per pair (156 steps: ~2.5x the time, over 30 min on 2 cores)",
+    )
     parser.add_argument(
         "--variant",
         action="append",
@@ -565,7 +640,9 @@ def main() -> None:
                 f"negatives {mine['extra'].get('generated_kept', 0)}, removed "
                 f"{mine['extra'].get('filtered_generated', {})}"
             )
-    steps = train.height // BATCH
+    # one pass over the pairs' rows: a query's 3 negatives are 3 triplet rows or 1 n-tuple
+    rows_per_pair = NEGATIVES_PER_STEP if args.format == "triplet" else 1
+    steps = rows_per_pair * train.height // BATCH
     results: dict[str, list[float]] = {"base": [ndcg_at_10(base, eval_queries, corpus, qrels)]}
     checks = {name: data_checks(base, train, negs, page_of) for name, negs in negatives.items()}
     t0 = time.perf_counter()
@@ -586,7 +663,14 @@ def main() -> None:
             t0 = time.perf_counter()
             model = load_model()
             loss = fine_tune(
-                model, train["query"].to_list(), train["doc"].to_list(), negs, steps, seed, states
+                model,
+                train["query"].to_list(),
+                train["doc"].to_list(),
+                negs,
+                steps,
+                seed,
+                states,
+                args.format,
             )
             score = ndcg_at_10(model, eval_queries, corpus, qrels, states)
             results.setdefault(name, []).append(score)
@@ -596,7 +680,7 @@ def main() -> None:
                 f"({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
-    print(f"\n{steps} steps x {BATCH} per method and seed; seeds {seeds}\n")
+    print(f"\n{steps} steps x {BATCH} {args.format} rows per method and seed; seeds {seeds}\n")
     columns = ["method", "nDCG@10 mean", "per seed", "spread", "queries trained", "negatives"]
     columns += ["near copies", "same page", "above positive", "mining s"]
     print("| " + " | ".join(columns) + " |")
